@@ -1,1 +1,1 @@
-"""Shared fixtures."""
+"""Shared pytest configuration; helpers live in support.py."""

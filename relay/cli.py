@@ -1,0 +1,169 @@
+"""The ``relay`` command line: argument parsing, logging setup and exit statuses.
+
+    relay serve [--config FILE] [--log-level LEVEL]   run the gateway (embedded default
+                                                      without --config)
+    relay check-config FILE                           validate a config file, bind nothing
+    relay mint-token AGENT                            (not yet: see ``_add_mint_token``)
+
+Exit statuses: 0 success; 2 for a usage error, a bad or missing config file, or an address
+that cannot be bound (SPEC §2, §8). ``serve`` loads and validates the whole config before it
+imports the server, so a bad config never binds anything. Errors go to stderr as
+``relay: <file>: <key>: <problem>``.
+
+This module owns no gateway logic: ``serve`` hands the validated ``Config`` to
+``relay.server.run_gateway``, which blocks until shutdown and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from relay.config import Config, default_config, load_config
+from relay.errors import BindError, ConfigError
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_USAGE = 2  # argparse's own status for bad arguments; also every config / bind error
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+log = logging.getLogger("relay.cli")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2): report it, don't exit
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_usage(sys.stderr)
+        print("relay: error: a command is required", file=sys.stderr)
+        return EXIT_USAGE
+    return handler(args)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="Self-hosted WebSocket gateway for real-time voice and media bots.",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_serve(commands)
+    _add_check_config(commands)
+    _add_mint_token(commands)
+    return parser
+
+
+# --------------------------------------------------------------------------------------
+# relay serve
+# --------------------------------------------------------------------------------------
+
+
+def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway. Without --config, runs the embedded default: one "
+        "auth-none agent 'echo' at ws://127.0.0.1:8700/ws/generic/echo.local.",
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML config file (see SPEC §2)")
+    p.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        type=str.lower,
+        help="log to stderr at this level and above (default: info)",
+    )
+    p.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level)
+    try:
+        config = load_config(args.config) if args.config else default_config()
+    except ConfigError as exc:
+        return _fail(exc)
+    if not args.config:
+        log.info("no --config given: running the embedded default (agent 'echo', auth none)")
+
+    # Imported only now, with a valid config in hand: nothing is bound before this point.
+    from relay.server import run_gateway  # type: ignore[import-not-found, unused-ignore]
+
+    try:
+        status: int = run_gateway(config)
+    except (ConfigError, BindError) as exc:  # e.g. an address in use, Redis without a secret
+        return _fail(exc)
+    return status
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format=LOG_FORMAT,
+        stream=sys.stderr,
+        force=True,  # main() may run more than once in one process (tests, embedding)
+    )
+
+
+# --------------------------------------------------------------------------------------
+# relay check-config
+# --------------------------------------------------------------------------------------
+
+
+def _add_check_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "check-config",
+        help="validate a config file without starting anything",
+        description="Parse and validate FILE; print 'FILE: ok (N agents)' or the problem.",
+    )
+    p.add_argument("file", metavar="FILE", help="TOML config file")
+    p.set_defaults(handler=_check_config)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        return _fail(exc)
+    print(f"{args.file}: ok ({_agents_summary(config)})")
+    return EXIT_OK
+
+
+def _agents_summary(config: Config) -> str:
+    n = len(config.agents)
+    return f"{n} agent" if n == 1 else f"{n} agents"
+
+
+# --------------------------------------------------------------------------------------
+# relay mint-token (reserved)
+# --------------------------------------------------------------------------------------
+
+
+def _add_mint_token(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Reserved for ``relay mint-token AGENT``: not implemented yet.
+
+    To add it: ``p = commands.add_parser("mint-token", ...)``, its arguments (AGENT,
+    ``--config FILE``), and ``p.set_defaults(handler=_mint_token)`` with
+    ``def _mint_token(args: argparse.Namespace) -> int`` in this section. Load the config
+    as ``_serve`` does and report ``ConfigError`` through ``_fail`` (exit 2).
+    """
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def _fail(exc: ConfigError | BindError) -> int:
+    print(f"relay: {exc}", file=sys.stderr)
+    return exc.exit_status

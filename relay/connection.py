@@ -1,0 +1,335 @@
+"""One client's life: upgrade request → checks → admission → bot leg → 101 → relay → teardown.
+
+Everything a connection does runs inside its own cancel scope (`ClientConnection.scope`):
+replacement and shutdown cancel it with a reason, and the teardown that follows runs
+shielded and bounded. The order of checks before the upgrade is SPEC §5's:
+
+1. routing (404) and the upgrade headers (400/405/426);
+2. token auth (403), before anything is allocated;
+3. admission (replace the oldest client, or accept-and-close 1013 when full and rejecting);
+4. the token is consumed, then the bot is dialled (502/504);
+5. only then is the client's 101 sent, carrying the bot's subprotocol and extensions, so
+   no early client frame can be lost.
+
+The session timeout counts from the 101. `done` is set once the bot leg is closed and
+`on_client_disconnected` has fired: a newcomer waits on it before dialling its own bot.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import attrs
+import h11
+import trio
+
+from . import closing
+from .auth import Grant, authenticate, consume
+from .closing import Outcome
+from .config import AgentConfig
+from .errors import BotDialError
+from .frames import OP_TEXT, encode_close, encode_frame
+from .handshake import (
+    Reject,
+    Route,
+    Upgrade,
+    accept_headers,
+    bot_request_headers,
+    bot_request_target,
+    check_route,
+    check_upgrade,
+    parse_bot_url,
+    reason_phrase,
+    route,
+)
+from .inprocess import InprocessLeg
+from .passthrough import Passthrough
+from .runtime import Runtime, SessionInfo
+from .upstream import dial_bot, new_key
+from .wire import Conn
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_HEAD = 16384  # bytes: an upgrade request with its headers; more is refused (431)
+REFUSE_TIMEOUT = 1.0  # seconds to write a refusal to a client before dropping it
+
+Leg = Passthrough | InprocessLeg
+
+
+@attrs.define
+class _Opened:
+    leg: Leg
+    info: SessionInfo
+    agent: AgentConfig
+
+
+class ClientConnection:
+    """Supervises one client connection from its first byte to its last."""
+
+    def __init__(self, rt: Runtime, conn: Conn) -> None:
+        self.rt = rt
+        self.conn = conn
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.cancel_reason: str | None = None
+        self.info: SessionInfo | None = None
+        self._h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        self._responded = False
+        self._agent: str | None = None
+
+    def cancel(self, reason: str) -> None:
+        """End this connection from outside ("replaced", "shutdown")."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self.scope.cancel()
+
+    async def serve(self) -> None:
+        try:
+            await self._serve()
+        except Exception:
+            log.exception("connection from %s failed", self.conn.peer())
+        finally:
+            if self._agent is not None:
+                self.rt.registry.release(self, self._agent)
+            with trio.CancelScope(shield=True):
+                await self.conn.aclose()
+            self.done.set()
+
+    async def _serve(self) -> None:
+        opened: _Opened | None = None
+        outcome: Outcome | None = None
+        timed_out = False
+        with self.scope:
+            opened = await self._open()
+            if opened is None:
+                return
+            self.info = opened.info
+            opened.info.connected_at = trio.current_time()
+            await self.rt.events.fire("on_client_connected", opened.info)
+            self.rt.metrics.session_started(opened.agent.name)
+            timeout = opened.agent.limits.session_timeout
+            with trio.move_on_after(timeout if timeout is not None else math.inf) as tscope:
+                await opened.leg.run()
+            timed_out = tscope.cancelled_caught
+        if opened is None:
+            if self.scope.cancelled_caught and not self._responded:
+                await self._refuse(Reject(503, self.cancel_reason or "cancelled",
+                                          "The gateway ended this request before it was "
+                                          f"accepted ({self.cancel_reason})."))
+            return
+        if self.cancel_reason == "replaced":
+            outcome = closing.REPLACED_BY_NEWER
+        elif self.cancel_reason == "shutdown":
+            outcome = closing.SHUTDOWN
+        elif timed_out and opened.leg.outcome is None:
+            outcome = closing.TIMEOUT
+        else:
+            outcome = opened.leg.outcome or closing.SHUTDOWN
+        opened.info.end_reason = outcome.reason
+        if outcome is closing.TIMEOUT:
+            with trio.CancelScope(shield=True):
+                await self.rt.events.fire("on_session_timeout", opened.info)
+        await opened.leg.close(outcome)
+        self._flush_counts(opened.leg)
+        self.rt.metrics.session_ended(opened.agent.name, outcome.reason)
+        with trio.CancelScope(shield=True):
+            await self.rt.events.fire("on_client_disconnected", opened.info)
+
+    def _flush_counts(self, leg: Leg) -> None:
+        if isinstance(leg, Passthrough):
+            c, b = leg.client.scanner, leg.bot.scanner
+            self.rt.metrics.relayed("client_to_bot", c.messages, c.data_bytes)
+            self.rt.metrics.relayed("bot_to_client", b.messages, b.data_bytes)
+
+    # -- before the upgrade ----------------------------------------------------------------
+
+    async def _read_request(self) -> tuple[h11.Request, bytes] | Reject | None:
+        """The client's request head and any bytes after it; None when it left."""
+        buf = bytearray(4096)
+        request: h11.Request | None = None
+        with trio.move_on_after(self.rt.config.server.handshake_timeout):
+            while True:
+                try:
+                    event = self._h.next_event()
+                except h11.RemoteProtocolError as exc:
+                    status = exc.error_status_hint
+                    return Reject(status, "bad_request",
+                                  f"The upgrade request is not valid HTTP/1.1: {exc}")
+                if event is h11.NEED_DATA:
+                    n = await self.conn.receive_into(buf)
+                    self._h.receive_data(bytes(buf[:n]))
+                elif isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.Data):
+                    return Reject(400, "unexpected_body",
+                                  "A WebSocket upgrade carries no request body.")
+                elif event is h11.PAUSED or isinstance(event, h11.EndOfMessage):
+                    if request is not None and (
+                        event is h11.PAUSED or self._h.their_state is h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
+                    ):
+                        return request, bytes(self._h.trailing_data[0])
+                    if request is not None:
+                        return request, b""
+                elif isinstance(event, h11.ConnectionClosed):
+                    return None
+        return Reject(408, "handshake_timeout",
+                      "The upgrade request did not arrive within "
+                      f"{self.rt.config.server.handshake_timeout} s.")
+
+    async def _refuse(self, reject: Reject) -> None:
+        """Answer with a plain HTTP error (no 101, no close frame) and close."""
+        if self._responded:
+            return
+        self._responded = True
+        body = reject.body()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            *reject.headers,
+        ]
+        try:
+            data = self._h.send(h11.Response(status_code=reject.status, headers=headers,
+                                             reason=reason_phrase(reject.status).encode()))
+            data = (data or b"") + (self._h.send(h11.Data(data=body)) or b"")
+            data += self._h.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            # h11 is in an error state (malformed request): write the response by hand.
+            data = (f"HTTP/1.1 {reject.status} {reason_phrase(reject.status)}\r\n"
+                    "content-type: application/json\r\n"
+                    f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+        with trio.move_on_after(REFUSE_TIMEOUT, shield=True):
+            try:
+                await self.conn.send_all(data)
+            except Exception:
+                pass
+
+    async def _accept(self, subprotocol: bytes | None, extensions: tuple[bytes, ...],
+                      key: bytes) -> bool:
+        self._responded = True
+        data = self._h.send(h11.InformationalResponse(
+            status_code=101, headers=accept_headers(key, subprotocol, extensions),
+            reason=b"Switching Protocols"))
+        try:
+            await self.conn.send_all(data or b"", self._stall())
+        except Exception:
+            return False
+        return True
+
+    def _stall(self) -> float:
+        return self.rt.config.server.defaults.stall_timeout
+
+    async def _open(self) -> _Opened | None:
+        rt = self.rt
+        server = rt.config.server
+        if rt.shutting_down:
+            await self._refuse(Reject(503, "shutting_down", "The gateway is shutting down."))
+            return None
+        if rt.open_connections > server.max_connections:
+            await self._refuse(Reject(503, "too_many_connections",
+                                      "The gateway is at its connection limit."))
+            return None
+        got = await self._read_request()
+        if got is None:
+            return None
+        if isinstance(got, Reject):
+            await self._refuse(got)
+            return None
+        request, early = got
+        r = route(request.target)
+        if isinstance(r, Reject):
+            await self._refuse(r)
+            return None
+        bad = check_route(r, organization=server.organization, agents=rt.config.agents)
+        if bad is not None:
+            await self._refuse(bad)
+            return None
+        upgrade = check_upgrade(request.method, request.http_version, list(request.headers))
+        if isinstance(upgrade, Reject):
+            await self._refuse(upgrade)
+            return None
+        agent = rt.config.agents[r.agent]
+        # 2. token (verify only: a valid token is burned only once every check has passed)
+        grant = await authenticate(rt, agent, r, list(request.headers))
+        if isinstance(grant, Reject):
+            await self._refuse(grant)
+            return None
+        # 3. admission
+        if not await rt.registry.admit(self, agent):
+            await self._accept_and_close(upgrade.key, closing.TRY_AGAIN_LATER)
+            return None
+        self._agent = agent.name
+        # 4. consume the token, then dial the bot
+        consumed = await consume(rt, agent, grant)
+        if isinstance(consumed, Reject):
+            await self._refuse(consumed)
+            return None
+        info = SessionInfo(id=consumed.session_id, agent=agent.name,
+                           organization=server.organization, client_addr=self.conn.peer())
+        if agent.bot.startswith("python:"):
+            leg: Leg = InprocessLeg(
+                self.conn, rt.bots[agent.name], agent.limits, initial=early,
+                session_kwargs=dict(id=info.id, agent=agent.name,
+                                    organization=server.organization, body=consumed.body,
+                                    client_addr=info.client_addr, query=r.bot_query))
+            if not await self._accept(None, (), upgrade.key):
+                return None
+            return _Opened(leg, info, agent)
+        try:
+            passthrough = await self._dial(agent, r, upgrade, consumed, early)
+        except _ClientLeft:
+            return None
+        except BotDialError as exc:
+            await self._refuse(Reject(exc.status, "bad_gateway" if exc.status == 502
+                                      else "gateway_timeout", exc.detail))
+            return None
+        return _Opened(passthrough, info, agent)
+
+    async def _dial(self, agent: AgentConfig, r: Route, upgrade: Upgrade, grant: Grant,
+                    early: bytes) -> Passthrough:
+        rt = self.rt
+        target = parse_bot_url(agent.bot)
+        key = new_key()
+        extra_query, extra_headers = grant.bot_extras(agent)
+        headers = bot_request_headers(
+            target, key, upgrade, session_id=grant.session_id, agent=agent.name,
+            organization=rt.config.server.organization, client_addr=self.conn.peer(),
+            extra=extra_headers)
+        started = trio.current_time()
+        bot_conn, accepted, bot_early = await dial_bot(
+            target, bot_request_target(target, r.bot_query, extra_query), headers, key,
+            connect_timeout=agent.limits.bot_connect_timeout, ssl_context=rt.bot_ssl)
+        rt.metrics.bot_dial(agent.name, trio.current_time() - started)
+        passthrough = Passthrough(self.conn, bot_conn, agent.limits,
+                                  client_initial=early, bot_initial=bot_early)
+        try:
+            first = grant.first_frame(agent)
+            if first is not None:
+                with trio.fail_after(agent.limits.stall_timeout):
+                    await passthrough.send_first(encode_frame(OP_TEXT, first, mask=True))
+            if not await self._accept(accepted.subprotocol, accepted.extensions, upgrade.key):
+                raise _ClientLeft
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await bot_conn.aclose()
+            raise
+        return passthrough
+
+    async def _accept_and_close(self, key: bytes, code: tuple[int, str]) -> None:
+        """Accept the upgrade and close at once with `code`, so a browser can read why."""
+        if not await self._accept(None, (), key):
+            return
+        with trio.move_on_after(REFUSE_TIMEOUT, shield=True):
+            try:
+                await self.conn.send_all(encode_close(code[0], code[1], mask=False))
+            except Exception:
+                return
+            buf = bytearray(1024)
+            while await self.conn.receive_into(buf):
+                pass  # drain until the client answers and closes
+
+
+class _ClientLeft(Exception):
+    """The client went away while we answered its upgrade."""
+

@@ -1,0 +1,545 @@
+"""[ASGI] The HTTP control plane: ``POST /v1/public/{agent}/start``, ``/health``, ``/metrics``.
+
+A raw ASGI app (no framework) served by hypercorn on trio (``serve_control``). It never
+starts a bot: /start only mints a token and holds the body in the store (SPEC §3, §4).
+
+/start decides in the order of SPEC §8, each failure a JSON envelope
+``{"error", "code", "detail"}``:
+
+    401 unauthorized              no ``Authorization: Bearer`` or a key not in public_keys
+    404 agent_not_found           no such agent
+    413 payload_too_large         request body over 1 MiB: decided from Content-Length or
+                                  while the body arrives, never buffering more than the limit
+    400 invalid_json              body not UTF-8 JSON (NaN/Infinity are not JSON)
+    400 invalid_request           not an object, or an unknown ``?shape=``
+    400 unsupported_transport     ``transport`` missing or not "websocket"
+    400 body_requires_token_auth  a non-null body for an agent with websocket_auth "none"
+    413 body_too_large            pipecat-cloud agent, body over 4 KiB as compact JSON
+    429 agent_full                agent at max_clients and when_full = "reject"
+    503 store_unavailable         token agent while the store is down (SPEC §8)
+
+An oversized body cannot be parsed, so the raw size check necessarily comes before the
+JSON checks; the 4 KiB pipecat-cloud limit applies to the parsed body and comes after.
+``?shape=client`` answers exactly ``{"wsUrl", "token"}``; for an auth-none agent, which
+has no token (SPEC §8), just ``{"wsUrl"}``.
+
+CORS (SPEC §3): a preflight (OPTIONS with Origin and Access-Control-Request-Method) from
+an origin in ``cors_origins`` (or any, with ``"*"``) gets 204 with the allowed methods and
+headers; from another origin 403. Other responses carry Access-Control-Allow-Origin only
+for allowed origins. /start and error responses are ``Cache-Control: no-store``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import socket
+import ssl
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from functools import partial
+from typing import Any, cast
+from urllib.parse import parse_qsl
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+from relay.config import Config
+from relay.errors import BindError, ConfigError
+from relay.metrics import Metrics
+from relay.store import Store, StoreUnavailable
+from relay.tokens import TOKEN_LIFETIME, KeyRing, mint
+
+__all__ = [
+    "MAX_PIPECAT_BODY",
+    "MAX_START_BODY",
+    "ASGIApp",
+    "ControlState",
+    "make_control_app",
+    "serve_control",
+]
+
+logger = logging.getLogger("relay.control")
+
+MAX_START_BODY = 1_048_576  # bytes of /start request body (SPEC §3: "over 1 MiB" is 413)
+MAX_PIPECAT_BODY = 4096  # bytes of compact-JSON body for pipecat-cloud agents (SPEC §5)
+STORE_HEALTH_TIMEOUT = 1.0  # seconds: /health must answer even when the store hangs
+CORS_MAX_AGE = 600  # seconds browsers may cache a preflight
+CORS_ALLOW_HEADERS = "Authorization, Content-Type"
+
+Scope = Mapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_START_PATH = re.compile(r"/v1/public/([^/]+)/start")
+_START_METHODS = ("POST", "OPTIONS")
+_READ_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def _never_full(agent: str) -> bool:
+    return False
+
+
+@attrs.define
+class ControlState:
+    """Everything the control plane reads; shared with the data plane by the server.
+
+    ``now`` is wall-clock unix seconds (token expiry); ``is_full(agent)`` tells whether
+    the agent is at max_clients (for 429); ``store_up``, when given, is a cached store
+    health flag (a shared store's watcher), used instead of asking the store per request.
+    """
+
+    config: Config
+    keyring: KeyRing
+    store: Store
+    metrics: Metrics
+    now: Callable[[], float]
+    is_full: Callable[[str], bool] = _never_full
+    store_up: Callable[[], bool] | None = None
+
+
+class _Refuse(Exception):
+    """An error response, raised inside a handler and rendered once at the top."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        error: str,
+        detail: str,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+        self.error = error
+        self.detail = detail
+        self.headers = headers
+
+    def body(self) -> bytes:
+        return _json({"error": self.error, "code": self.code, "detail": self.detail})
+
+
+class _Disconnected(Exception):
+    """The client went away while we read its body: nothing to answer."""
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+class ControlApp:
+    """The ASGI callable; one per gateway (``make_control_app``)."""
+
+    def __init__(self, state: ControlState) -> None:
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":  # the data plane is another listener (SPEC §1)
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # ---------------------------------------------------------------- routing
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method: str = scope["method"]
+        path: str = scope["path"]
+        cors = self._cors_headers(scope)
+        start = _START_PATH.fullmatch(path)
+        allowed = _START_METHODS if start else _READ_METHODS
+        try:
+            if not start and path not in ("/health", "/metrics"):
+                raise _Refuse(404, "not_found", "Not found.", f"No route for {path}.")
+            if method not in allowed:
+                raise _Refuse(
+                    405, "method_not_allowed", "Method not allowed.",
+                    f"{path} accepts {', '.join(allowed)}.",
+                    ((b"allow", ", ".join(allowed).encode()),),
+                )
+            if method == "OPTIONS":
+                await self._options(scope, send, allowed)
+                return
+            if start:
+                status, body = await self._start(scope, receive, start.group(1))
+                self.state.metrics.start_request(status)
+                await _respond(send, status, body, "application/json", cors, no_store=True)
+            elif path == "/health":
+                await _respond(
+                    send, 200, await self._health(), "application/json", cors,
+                    head=method == "HEAD", no_store=True,
+                )
+            else:
+                data, content_type = self.state.metrics.render()
+                await _respond(send, 200, data, content_type, cors, head=method == "HEAD")
+        except _Refuse as refusal:
+            if start and method == "POST":
+                self.state.metrics.start_request(refusal.status)
+            await _respond(
+                send, refusal.status, refusal.body(), "application/json",
+                cors + list(refusal.headers), head=method == "HEAD", no_store=True,
+            )
+        except _Disconnected:
+            return
+
+    # ---------------------------------------------------------------- CORS
+
+    def _allowed_origin(self, origin: bytes | None) -> str | None:
+        if origin is None:
+            return None
+        allowed = self.state.config.server.cors_origins
+        if "*" in allowed:
+            return "*"
+        text = origin.decode("latin-1").lower()
+        for candidate in allowed:
+            if candidate.lower().rstrip("/") == text:
+                return origin.decode("latin-1")
+        return None
+
+    def _cors_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        if not self.state.config.server.cors_origins:
+            return []
+        headers = [(b"vary", b"Origin")]
+        allowed = self._allowed_origin(_header(scope, b"origin"))
+        if allowed is not None:
+            headers.append((b"access-control-allow-origin", allowed.encode("latin-1")))
+        return headers
+
+    async def _options(self, scope: Scope, send: Send, allowed: tuple[str, ...]) -> None:
+        origin = _header(scope, b"origin")
+        methods = ", ".join(allowed).encode()
+        if origin is None or _header(scope, b"access-control-request-method") is None:
+            await _respond(send, 204, b"", None, [(b"allow", methods)])
+            return
+        allow_origin = self._allowed_origin(origin)
+        if allow_origin is None:
+            raise _Refuse(
+                403, "origin_not_allowed", "Origin not allowed.",
+                f"Origin {origin.decode('latin-1')} is not in [server] cors_origins.",
+            )
+        await _respond(send, 204, b"", None, [
+            (b"vary", b"Origin"),
+            (b"access-control-allow-origin", allow_origin.encode("latin-1")),
+            (b"access-control-allow-methods", methods),
+            (b"access-control-allow-headers", CORS_ALLOW_HEADERS.encode()),
+            (b"access-control-max-age", str(CORS_MAX_AGE).encode()),
+        ])
+
+    # ---------------------------------------------------------------- /health
+
+    async def _store_is_up(self) -> bool:
+        if self.state.store_up is not None:
+            return self.state.store_up()
+        with trio.move_on_after(STORE_HEALTH_TIMEOUT):
+            try:
+                return await self.state.store.healthy()
+            except StoreUnavailable:
+                return False
+        return False
+
+    async def _health(self) -> bytes:
+        config = self.state.config
+        return _json({
+            "status": "ok",
+            "store": "up" if await self._store_is_up() else "down",
+            "backend": config.store.backend,
+            "agents": len(config.agents),
+        })
+
+    # ---------------------------------------------------------------- /start
+
+    async def _start(self, scope: Scope, receive: Receive, agent_name: str) -> tuple[int, bytes]:
+        state = self.state
+        server = state.config.server
+        self._check_public_key(scope)
+        agent = state.config.agents.get(agent_name)
+        if agent is None:
+            raise _Refuse(
+                404, "agent_not_found", "Agent not found.",
+                f"There is no agent named {agent_name!r} on this gateway.",
+            )
+        raw = await _read_body(scope, receive, MAX_START_BODY)
+        request = _parse_request(raw)
+        shape = _parse_shape(scope)
+        body = request.get("body")
+        token_auth = agent.websocket_auth == "token"
+        held: bytes | None = None
+        if body is not None:
+            if not token_auth:
+                raise _Refuse(
+                    400, "body_requires_token_auth", "A body needs token authentication.",
+                    f"Agent {agent_name!r} uses websocket_auth \"none\": a body can only be "
+                    "handed to the bot of a token-authenticated session.",
+                )
+            held = _json(body)
+            if agent.bot_protocol == "pipecat-cloud" and len(held) > MAX_PIPECAT_BODY:
+                raise _Refuse(
+                    413, "body_too_large", "Body too large.",
+                    f"Agent {agent_name!r} passes the body in the bot's URL: at most "
+                    f"{MAX_PIPECAT_BODY} bytes of compact JSON, got {len(held)}.",
+                )
+        if agent.when_full == "reject" and state.is_full(agent_name):
+            raise _Refuse(
+                429, "agent_full", "Agent is full.",
+                f"Agent {agent_name!r} has its maximum of {agent.max_clients} clients; "
+                "try again later.",
+            )
+        ws_url = f"{server.public_url}/ws/generic/{agent_name}.{server.organization}"
+        session_id = str(uuid.uuid4())
+        if not token_auth:
+            return 200, _json({"wsUrl": ws_url} if shape else {
+                "wsUrl": ws_url, "sessionId": session_id,
+            })
+        if not await self._store_is_up_for_start():
+            raise _store_down()
+        now = state.now()
+        token = mint(
+            state.keyring, agent=agent_name, org=server.organization,
+            session_id=session_id, now=now,
+        )
+        try:
+            await state.store.put_session(session_id, held, now + TOKEN_LIFETIME, now=now)
+        except StoreUnavailable:
+            raise _store_down() from None
+        if shape:
+            return 200, _json({"wsUrl": ws_url, "token": token})
+        return 200, _json({"token": token, "wsUrl": ws_url, "sessionId": session_id})
+
+    async def _store_is_up_for_start(self) -> bool:
+        # Asking a shared store per /start would add a round trip; its put fails fast
+        # with StoreUnavailable anyway. Only a cached flag is consulted here.
+        return self.state.store_up() if self.state.store_up is not None else True
+
+    def _check_public_key(self, scope: Scope) -> None:
+        value = _header(scope, b"authorization")
+        presented = b""
+        if value is not None:
+            scheme, _, rest = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                presented = rest.strip()
+        matched = False
+        for key in self.state.config.server.public_keys:  # no early exit: constant time
+            matched |= hmac.compare_digest(presented, key.encode())
+        if not presented or not matched:
+            raise _Refuse(
+                401, "unauthorized", "Missing or unknown public key.",
+                "Send the gateway's public key as 'Authorization: Bearer <key>'.",
+                ((b"www-authenticate", b"Bearer"),),
+            )
+
+
+def _store_down() -> _Refuse:
+    return _Refuse(
+        503, "store_unavailable", "Session store unavailable.",
+        "Tokens cannot be issued while the session store is down; try again shortly.",
+        ((b"retry-after", b"5"),),
+    )
+
+
+def _too_large(limit: int) -> _Refuse:
+    return _Refuse(
+        413, "payload_too_large", "Request body too large.",
+        f"The /start request body may be at most {limit} bytes.",
+    )
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request body, or 413 as soon as it is known to exceed ``limit``.
+
+    Content-Length over the limit is refused before reading; otherwise bytes are counted
+    as ``http.request`` messages arrive and the first byte past the limit refuses, so at
+    most ``limit`` bytes are ever held.
+    """
+    length = _header(scope, b"content-length")
+    if length is not None and length.strip().isdigit() and int(length) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk: bytes = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(limit)
+        if chunk:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _parse_request(raw: bytes) -> dict[str, Any]:
+    try:
+        request = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _Refuse(
+            400, "invalid_json", "Request body is not JSON.",
+            'Send a JSON object such as {"transport": "websocket"}.',
+        ) from None
+    if not isinstance(request, dict):
+        raise _Refuse(
+            400, "invalid_request", "Request body must be a JSON object.",
+            'Send a JSON object such as {"transport": "websocket"}.',
+        )
+    if request.get("transport") != "websocket":
+        raise _Refuse(
+            400, "unsupported_transport", "Unsupported transport.",
+            'This gateway only starts sessions with "transport": "websocket".',
+        )
+    return request
+
+
+def _parse_shape(scope: Scope) -> bool:
+    """Whether ``?shape=client`` was asked for; any other shape is a 400."""
+    query = bytes(scope.get("query_string", b"")).decode("latin-1")
+    shapes = [value for name, value in parse_qsl(query, keep_blank_values=True) if name == "shape"]
+    if not shapes:
+        return False
+    if shapes != ["client"]:
+        raise _Refuse(
+            400, "invalid_request", "Unknown response shape.",
+            'The only shape is "client" (?shape=client answers {"wsUrl", "token"}).',
+        )
+    return True
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str | None,
+    extra: list[tuple[bytes, bytes]],
+    *,
+    head: bool = False,
+    no_store: bool = False,
+) -> None:
+    headers = list(extra)
+    if content_type is not None:
+        headers.append((b"content-type", content_type.encode("latin-1")))
+    headers.append((b"content-length", str(len(body)).encode()))
+    if no_store:
+        headers.append((b"cache-control", b"no-store"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+def make_control_app(state: ControlState) -> ASGIApp:
+    """The control plane of one gateway as an ASGI app (mountable in any ASGI server)."""
+    return ControlApp(state)
+
+
+# -------------------------------------------------------------------- serving
+
+
+def _listen_sockets(config: Config, backlog: int) -> list[socket.socket]:
+    """Bind every ``api_bind`` address now, so a bad one fails before anything serves."""
+    sockets: list[socket.socket] = []
+    try:
+        for bind in config.server.api_bind:
+            family = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.bind((bind.host, bind.port))
+                sock.listen(backlog)
+            except OSError as error:
+                raise BindError(str(bind), error.strerror or str(error)) from None
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _hypercorn_config(config: Config) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.bind = [str(bind) for bind in config.server.api_bind]
+    hc.accesslog = None  # quiet by default; /metrics counts /start answers
+    hc.errorlog = logging.getLogger("relay.control.hypercorn")  # follows the app's logging
+    hc.include_server_header = False
+    hc.graceful_timeout = config.server.defaults.close_timeout
+    if config.tls:
+        hc.certfile = config.server.certfile
+        hc.keyfile = config.server.keyfile
+        try:
+            hc.create_ssl_context()
+        except (OSError, ssl.SSLError) as error:
+            raise ConfigError(f"cannot load TLS certificate/key: {error}", key="server.certfile",
+                              file=config.source) from None
+    return hc
+
+
+async def serve_control(
+    app: ASGIApp,
+    config: Config,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` with hypercorn on ``config.server.api_bind`` until cancelled.
+
+    Reports ``[(host, port), ...]`` as actually bound (port 0 becomes the chosen port)
+    once hypercorn accepts connections. TLS when certfile and keyfile are set. Raises
+    ``BindError`` / ``ConfigError`` before serving anything if an address cannot be bound
+    or the TLS files cannot be loaded. Cancelling the surrounding scope stops it at once;
+    ``shutdown_trigger`` returning starts a graceful stop (in-flight requests get
+    ``close_timeout`` seconds).
+    """
+    hc = _hypercorn_config(config)
+    sockets = _listen_sockets(config, hc.backlog)
+    try:
+        bound = [(str(s.getsockname()[0]), int(s.getsockname()[1])) for s in sockets]
+        hc_sockets = Sockets(
+            secure_sockets=sockets if config.tls else [],
+            insecure_sockets=[] if config.tls else sockets,
+            quic_sockets=[],
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(
+                worker_serve, wrap_app(cast(Any, app), hc.wsgi_max_body_size, "asgi"), hc,
+                sockets=hc_sockets, shutdown_trigger=shutdown_trigger,
+            ))
+            logger.info("control plane listening on %s", ", ".join(
+                f"{'https' if config.tls else 'http'}://{h if ':' not in h else f'[{h}]'}:{p}"
+                for h, p in bound
+            ))
+            task_status.started(bound)
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -1,0 +1,264 @@
+"""`relay.Gateway`: both planes of one gateway, embeddable in any trio program.
+
+    gateway = relay.Gateway(config, on_client_connected=..., ...)
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(gateway.serve)   # both planes listen; ready fired
+        ...
+        await gateway.shutdown()                      # graceful: 1001 to every session
+
+The data plane is our own trio listener (stdlib non-blocking sockets, see wire.py); each
+accepted connection runs as a `ClientConnection` in the handler nursery, so one client's
+failure never reaches the listener or another client. The control plane is hypercorn
+serving `control_app`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from .config import Bind, Config
+from .connection import ClientConnection
+from .control import ControlState, make_control_app, serve_control
+from .errors import BindError, ConfigError
+from .inprocess import BotFunction, load_bot
+from .metrics import Metrics
+from .runtime import Callback, Events, Runtime
+from .store import MemoryStore
+from .tokens import KeyRing, keyring_from_env
+from .wire import Conn, SocketConn, StreamConn
+
+log = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 1024  # pending connections: a burst of calls arriving at once
+PURGE_INTERVAL = 30.0  # seconds between sweeps of expired tokens and bodies
+SHUTDOWN_MARGIN = 0.5  # seconds beyond close_timeout for the last sessions to finish
+
+
+@attrs.frozen
+class Ports:
+    """What `serve` bound: (host, port) per listener of each plane."""
+
+    ws: list[tuple[str, int]]
+    api: list[tuple[str, int]]
+
+
+def bind_listener(bind: Bind) -> socket.socket:
+    """Open one listening socket; BindError names the address when it cannot."""
+    try:
+        infos = socket.getaddrinfo(bind.host, bind.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, socktype, proto, _, addr = infos[0]
+        sock = socket.socket(family, socktype, proto)
+    except OSError as exc:
+        raise BindError(str(bind), exc.strerror or str(exc)) from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BindError(str(bind), exc.strerror or str(exc)) from exc
+    return sock
+
+
+def _server_ssl(config: Config) -> ssl.SSLContext | None:
+    if not config.tls:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(config.server.certfile, config.server.keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate/key: {exc}", key="server.certfile",
+                          file=config.source) from exc
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+class Gateway:
+    """A relay gateway: data plane, control plane, sessions, events."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        on_client_connected: Callback | None = None,
+        on_client_disconnected: Callback | None = None,
+        on_session_timeout: Callback | None = None,
+        on_websocket_ready: Callback | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        keys: KeyRing | None = None,
+        bot_ssl: ssl.SSLContext | None = None,
+        environ: dict[str, str] | None = None,
+    ) -> None:
+        if keys is None:
+            keys, warning = keyring_from_env(environ if environ is not None else os.environ,
+                                             config.server.secret_env,
+                                             backend=config.store.backend)
+            if warning:
+                log.warning("%s", warning)
+        metrics = Metrics()
+        bots: dict[str, BotFunction] = {}
+        for name, agent in config.agents.items():
+            if agent.bot.startswith("python:"):
+                try:
+                    bots[name] = load_bot(agent.bot)
+                except ConfigError as exc:
+                    raise ConfigError(exc.problem, key=f"agents.{name}.bot",
+                                      file=config.source) from None
+        self.config = config
+        self.rt = Runtime(
+            config=config,
+            events=Events(on_client_connected, on_client_disconnected, on_session_timeout,
+                          on_websocket_ready),
+            metrics=metrics,
+            keys=keys,
+            store=MemoryStore(on_evict=metrics.body_evicted),
+            bots=bots,
+            wall_clock=wall_clock,
+            client_ssl=_server_ssl(config),
+            bot_ssl=bot_ssl,
+        )
+        self.control_app = make_control_app(ControlState(
+            config=config, keyring=keys, store=self.rt.store, metrics=metrics,
+            now=wall_clock, is_full=self._is_full_rejecting))
+        self.connections: set[ClientConnection] = set()
+        self._listeners: list[socket.socket] = []
+        self._accept_scope = trio.CancelScope()
+        self._serve_scope: trio.CancelScope | None = None
+        self._handlers: trio.Nursery | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.rt.metrics
+
+    def _is_full_rejecting(self, agent: str) -> bool:
+        cfg = self.config.agents.get(agent)
+        return (cfg is not None and cfg.when_full == "reject"
+                and self.rt.registry.is_full(cfg))
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[Ports] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Run both planes until cancelled or shut down; reports the bound ports."""
+        listeners = []
+        try:
+            for bind in self.config.server.ws_bind:
+                listeners.append(bind_listener(bind))
+        except BindError:
+            for sock in listeners:
+                sock.close()
+            raise
+        self._listeners = listeners
+        try:
+            with trio.CancelScope() as serve_scope:
+                self._serve_scope = serve_scope
+                async with trio.open_nursery() as nursery:
+                    self._handlers = nursery
+                    api = await nursery.start(serve_control, self.control_app, self.config)
+                    for sock in listeners:
+                        nursery.start_soon(self._accept_loop, sock)
+                    nursery.start_soon(self._purge_loop)
+                    ws = [(s.getsockname()[0], s.getsockname()[1]) for s in listeners]
+                    task_status.started(Ports(ws=ws, api=list(api)))
+                    log.info("relay listening: ws %s, api %s", ws, api)
+                    await self.rt.events.fire("on_websocket_ready", self)
+        finally:
+            for sock in listeners:
+                try:
+                    trio.lowlevel.notify_closing(sock)
+                except RuntimeError:
+                    pass
+                sock.close()
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        with self._accept_scope:
+            while True:
+                await trio.lowlevel.wait_readable(lsock)
+                while True:
+                    try:
+                        sock, _addr = lsock.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as exc:
+                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                         errno.ENOMEM):
+                            log.error("accept failed (%s): pausing 100 ms", exc)
+                            await trio.sleep(0.1)
+                            break
+                        if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                            continue
+                        raise
+                    conn = self._wrap(sock)
+                    assert self._handlers is not None
+                    self._handlers.start_soon(self._handle_conn, conn)
+
+    def _wrap(self, sock: socket.socket) -> Conn:
+        if self.rt.client_ssl is None:
+            return SocketConn(sock)
+        conn = SocketConn(sock)  # configures the socket (non-blocking, no Nagle)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        tls = trio.SSLStream(stream, self.rt.client_ssl, server_side=True,
+                             https_compatible=True)
+        return StreamConn(tls, peer=conn.peer())
+
+    async def _handle_conn(self, conn: Conn) -> None:
+        cc = ClientConnection(self.rt, conn)
+        self.connections.add(cc)
+        self.rt.open_connections += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        try:
+            await cc.serve()
+        finally:
+            self.connections.discard(cc)
+            self.rt.open_connections -= 1
+            if not self.connections:
+                self._idle.set()
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await trio.sleep(PURGE_INTERVAL)
+            await self.rt.store.purge(self.rt.wall_clock())
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every session with 1001, then stop both planes.
+
+        Bounded: sessions get the longest close_timeout of any agent, plus a margin.
+        """
+        self.rt.shutting_down = True
+        self._accept_scope.cancel()
+        for cc in list(self.connections):
+            cc.cancel("shutdown")
+        bound = max([a.limits.close_timeout for a in self.config.agents.values()]
+                    + [self.config.server.defaults.close_timeout])
+        with trio.move_on_after(bound + SHUTDOWN_MARGIN):
+            await self._idle.wait()
+        if self._serve_scope is not None:
+            self._serve_scope.cancel()
+
+    def session_count(self, agent: str | None = None) -> int:
+        if agent is None:
+            return len(self.rt.registry.members())
+        return self.rt.registry.count(agent)
+
+    async def handle(self, request: Any) -> None:
+        """Serve one trio_websocket.WebSocketRequest from the embedding app's server."""
+        from .embedded import handle_request
+
+        await handle_request(self.rt, request)
+

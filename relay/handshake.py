@@ -1,0 +1,349 @@
+"""The upgrade decision, sans-IO: request line and headers in, accept or reject out.
+
+Owns, for the client's upgrade (RFC 6455 §4.2.1) and the bot's answer (§4.1):
+- routing `/ws/generic/{agent}.{org}`, `/ws/generic/{agent}.{org}/{token}` and
+  `/ws/generic?serviceHost={agent}.{org}`, with the SPEC §8 name rules;
+- validating the upgrade headers (method, version, key);
+- the headers of the 101 we send the client and of the request we send the bot;
+- validating the bot's 101 (its Sec-WebSocket-Accept must match our key).
+
+No trio here: `connection.py` does the I/O and asks these functions what to do. The token
+check is a separate step (`tokens.py`): it runs after routing, before admission.
+A refusal is a value (`Reject`), not an exception: status, short code and a sentence,
+rendered as the JSON envelope of SPEC §3.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Iterable, Mapping
+from urllib.parse import unquote
+
+import attrs
+from wsproto.utilities import generate_accept_token
+
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+WS_PREFIX = "/ws/generic"
+# Query parameters that address the gateway itself and are never passed to the bot.
+GATEWAY_QUERY_KEYS = frozenset({"token", "serviceHost"})
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@attrs.frozen
+class Reject:
+    """Refuse the upgrade with a plain HTTP response (no 101, no close frame)."""
+
+    status: int
+    code: str
+    detail: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def body(self) -> bytes:
+        return render_error(self.status, self.code, self.detail)
+
+
+@attrs.frozen
+class Route:
+    """Where an upgrade request points."""
+
+    agent: str
+    org: str
+    path_token: str | None  # the `/{token}` path segment, when present (even empty)
+    query_pairs: tuple[tuple[str, str], ...]  # decoded, for the token lookup
+    bot_query: str  # the client's raw query string without token/serviceHost
+
+
+@attrs.frozen
+class Upgrade:
+    """What a valid upgrade request asks for."""
+
+    key: bytes
+    subprotocols: tuple[bytes, ...]  # raw Sec-WebSocket-Protocol header values, in order
+    extensions: tuple[bytes, ...]  # raw Sec-WebSocket-Extensions header values, in order
+    origin: bytes | None
+    user_agent: bytes | None
+    authorization: bytes | None
+
+
+_REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    426: "Upgrade Required",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def reason_phrase(status: int) -> str:
+    return _REASONS.get(status, "Error")
+
+
+def render_error(status: int, code: str, detail: str) -> bytes:
+    """The JSON error envelope: the hosted service's `error` and `code`, plus `detail`."""
+    return json.dumps(
+        {"error": reason_phrase(status), "code": code, "detail": detail},
+        separators=(",", ":"),
+    ).encode()
+
+
+def _split_target(target: str) -> tuple[str, str]:
+    path, _, query = target.partition("?")
+    return path, query
+
+
+def _parse_query(query: str) -> tuple[tuple[tuple[str, str], ...], str]:
+    """Decoded pairs (for lookups) and the raw query minus gateway keys (for the bot)."""
+    pairs: list[tuple[str, str]] = []
+    kept: list[str] = []
+    for part in query.split("&"):
+        if not part:
+            continue
+        raw_key, _, raw_value = part.partition("=")
+        key = unquote(raw_key.replace("+", " "))
+        value = unquote(raw_value.replace("+", " "))
+        pairs.append((key, value))
+        if key not in GATEWAY_QUERY_KEYS:
+            kept.append(part)
+    return tuple(pairs), "&".join(kept)
+
+
+def split_service_host(host: str) -> tuple[str, str] | None:
+    """`{agent}.{org}` split at its only dot, both names valid; else None."""
+    if host.count(".") != 1:
+        return None
+    agent, org = host.split(".")
+    if not NAME_RE.fullmatch(agent) or not NAME_RE.fullmatch(org):
+        return None
+    return agent, org
+
+
+def route(target: bytes) -> Route | Reject:
+    """Map a request target to (agent, org, path token, query) or a 404."""
+    try:
+        text = target.decode("ascii")
+    except UnicodeDecodeError:
+        return Reject(400, "bad_target", "The request target is not ASCII.")
+    path, query = _split_target(text)
+    pairs, bot_query = _parse_query(query)
+    not_found = Reject(404, "unknown_path", f"No WebSocket endpoint at {path!r}.")
+    if path == WS_PREFIX or path == WS_PREFIX + "/":
+        hosts = [v for k, v in pairs if k == "serviceHost"]
+        if not hosts:
+            return Reject(404, "unknown_service_host", "serviceHost is missing.")
+        service_host = hosts[0]
+        path_token: str | None = None
+    elif path.startswith(WS_PREFIX + "/"):
+        rest = path[len(WS_PREFIX) + 1 :].split("/")
+        if len(rest) == 1:
+            service_host, path_token = rest[0], None
+        elif len(rest) == 2:
+            service_host, path_token = rest[0], unquote(rest[1])
+        else:
+            return not_found
+    else:
+        return not_found
+    parts = split_service_host(unquote(service_host))
+    if parts is None:
+        return Reject(
+            404,
+            "unknown_service_host",
+            f"{service_host!r} is not a service host of the form agent.organization.",
+        )
+    return Route(parts[0], parts[1], path_token, pairs, bot_query)
+
+
+def check_route(
+    r: Route, *, organization: str, agents: Mapping[str, object]
+) -> Reject | None:
+    """SPEC §5 step 1: unknown service host or another organization → 404."""
+    if r.org != organization or r.agent not in agents:
+        return Reject(
+            404,
+            "unknown_service_host",
+            f"No agent {r.agent!r} in organization {r.org!r} here.",
+        )
+    return None
+
+
+def _values(headers: Headers, name: bytes) -> list[bytes]:
+    return [v for k, v in headers if k.lower() == name]
+
+
+def _tokens(values: Iterable[bytes]) -> set[bytes]:
+    return {t.strip().lower() for v in values for t in v.split(b",")}
+
+
+def check_upgrade(method: bytes, http_version: bytes, headers: Headers) -> Upgrade | Reject:
+    """Validate a client's WebSocket upgrade request (RFC 6455 §4.2.1)."""
+    if method != b"GET":
+        return Reject(405, "method_not_allowed", "A WebSocket upgrade must be a GET.",
+                      ((b"allow", b"GET"),))
+    if http_version != b"1.1":
+        return Reject(400, "bad_http_version", "A WebSocket upgrade needs HTTP/1.1.")
+    if b"websocket" not in _tokens(_values(headers, b"upgrade")):
+        return Reject(426, "not_websocket", "This endpoint only speaks WebSocket "
+                      "(Upgrade: websocket missing).",
+                      ((b"upgrade", b"websocket"), (b"connection", b"Upgrade")))
+    if b"upgrade" not in _tokens(_values(headers, b"connection")):
+        return Reject(400, "bad_connection_header", "Connection: Upgrade is missing.")
+    versions = _values(headers, b"sec-websocket-version")
+    if versions != [b"13"]:
+        return Reject(426, "bad_websocket_version", "Only Sec-WebSocket-Version 13 is spoken.",
+                      ((b"sec-websocket-version", b"13"),))
+    keys = _values(headers, b"sec-websocket-key")
+    if len(keys) != 1:
+        return Reject(400, "bad_websocket_key", "Exactly one Sec-WebSocket-Key is required.")
+    key = keys[0].strip()
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError("not 16 bytes")
+    except (binascii.Error, ValueError):
+        return Reject(400, "bad_websocket_key", "Sec-WebSocket-Key must be 16 bytes in base64.")
+    if _values(headers, b"content-length") not in ([], [b"0"]) or _values(
+        headers, b"transfer-encoding"
+    ):
+        return Reject(400, "unexpected_body", "A WebSocket upgrade carries no request body.")
+
+    def first(name: bytes) -> bytes | None:
+        vals = _values(headers, name)
+        return vals[0] if vals else None
+
+    return Upgrade(
+        key=key,
+        subprotocols=tuple(_values(headers, b"sec-websocket-protocol")),
+        extensions=tuple(_values(headers, b"sec-websocket-extensions")),
+        origin=first(b"origin"),
+        user_agent=first(b"user-agent"),
+        authorization=first(b"authorization"),
+    )
+
+
+def accept_headers(
+    key: bytes, subprotocol: bytes | None, extensions: Iterable[bytes]
+) -> Headers:
+    """Headers of the 101 we send the client, carrying what the bot chose."""
+    headers: Headers = [
+        (b"upgrade", b"websocket"),
+        (b"connection", b"Upgrade"),
+        (b"sec-websocket-accept", generate_accept_token(key)),
+    ]
+    if subprotocol:
+        headers.append((b"sec-websocket-protocol", subprotocol))
+    headers.extend((b"sec-websocket-extensions", e) for e in extensions)
+    return headers
+
+
+@attrs.frozen
+class BotTarget:
+    """Where an upstream bot lives, parsed from `ws://host:port/path?query`."""
+
+    secure: bool
+    host: str
+    port: int
+    path: str  # path with its own query, e.g. "/ws?x=1"
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.secure else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+def parse_bot_url(url: str) -> BotTarget:
+    """Parse `ws://` / `wss://` URLs; ValueError when it is neither."""
+    if url.startswith("ws://"):
+        secure, rest = False, url[5:]
+    elif url.startswith("wss://"):
+        secure, rest = True, url[6:]
+    else:
+        raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+    netloc, slash, path = rest.partition("/")
+    path = slash + path if slash else "/"
+    if "?" in netloc:
+        netloc, _, q = netloc.partition("?")
+        path = "/?" + q
+    if netloc.startswith("["):
+        host, _, port_text = netloc[1:].partition("]")
+        port_text = port_text.removeprefix(":")
+    else:
+        host, _, port_text = netloc.partition(":")
+    if not host:
+        raise ValueError(f"no host in {url!r}")
+    port = int(port_text) if port_text else (443 if secure else 80)
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port in {url!r}")
+    return BotTarget(secure, host, port, path)
+
+
+def bot_request_target(bot: BotTarget, client_query: str, extra_query: str = "") -> str:
+    """The bot's path, with the client's query (minus gateway keys) and ours appended."""
+    target = bot.path
+    for q in (client_query, extra_query):
+        if q:
+            target += ("&" if "?" in target else "?") + q
+    return target
+
+
+def bot_request_headers(
+    bot: BotTarget,
+    key: bytes,
+    upgrade: Upgrade,
+    *,
+    session_id: str,
+    agent: str,
+    organization: str,
+    client_addr: str,
+    extra: Iterable[tuple[bytes, bytes]] = (),
+) -> Headers:
+    """Headers of our upgrade request to the bot (SPEC §5): never the client's Authorization."""
+    headers: Headers = [
+        (b"host", bot.host_header.encode()),
+        (b"upgrade", b"websocket"),
+        (b"connection", b"Upgrade"),
+        (b"sec-websocket-key", key),
+        (b"sec-websocket-version", b"13"),
+        (b"x-relay-session-id", session_id.encode()),
+        (b"x-relay-agent", agent.encode()),
+        (b"x-relay-organization", organization.encode()),
+        (b"x-forwarded-for", client_addr.encode()),
+    ]
+    if upgrade.origin is not None:
+        headers.append((b"origin", upgrade.origin))
+    if upgrade.user_agent is not None:
+        headers.append((b"user-agent", upgrade.user_agent))
+    headers.extend((b"sec-websocket-protocol", p) for p in upgrade.subprotocols)
+    headers.extend((b"sec-websocket-extensions", e) for e in upgrade.extensions)
+    headers.extend(extra)
+    return headers
+
+
+@attrs.frozen
+class BotAccepted:
+    subprotocol: bytes | None
+    extensions: tuple[bytes, ...]
+
+
+def check_bot_response(key: bytes, status: int, headers: Headers) -> BotAccepted | str:
+    """The bot's answer to our upgrade: what it chose, or why it is unusable (→ 502)."""
+    if status != 101:
+        return f"the bot answered HTTP {status} instead of 101"
+    accepts = _values(headers, b"sec-websocket-accept")
+    if accepts != [generate_accept_token(key)]:
+        return "the bot's Sec-WebSocket-Accept does not match our key"
+    if b"websocket" not in _tokens(_values(headers, b"upgrade")):
+        return "the bot's 101 lacks Upgrade: websocket"
+    protocols = _values(headers, b"sec-websocket-protocol")
+    return BotAccepted(
+        subprotocol=protocols[0] if protocols else None,
+        extensions=tuple(_values(headers, b"sec-websocket-extensions")),
+    )

@@ -1,0 +1,116 @@
+"""Prometheus metrics of one gateway (SPEC §3 ``GET /metrics``).
+
+``Metrics`` owns its own ``CollectorRegistry``: two gateways in one process (tests, an
+embedding app) never share or collide on counters, and nothing lands in the global
+registry. Callers report events through the methods below; labels are bounded sets
+(configured agents, fixed reasons, HTTP statuses), never client-supplied strings.
+
+Exposed names (all prefixed ``relay_``)::
+
+    sessions_active{agent}                 gauge
+    sessions_started_total{agent}          counter
+    sessions_ended_total{agent,reason}     counter
+    messages_relayed_total{direction}      counter   direction: client_to_bot | bot_to_client
+    bytes_relayed_total{direction}         counter   payload bytes
+    token_refusals_total{reason}           counter   relay.tokens reasons, plus "replayed"
+    start_requests_total{status}           counter   /start answers by HTTP status
+    bot_dial_seconds{agent}                histogram time to open the bot leg
+    bodies_evicted_total                   counter   held /start bodies dropped by the store bound
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = ["DIRECTIONS", "Metrics"]
+
+DIRECTIONS: Final = ("client_to_bot", "bot_to_client")
+
+# Bot dial time: a local bot answers in milliseconds; bot_connect_timeout defaults to 10 s.
+_DIAL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """The metrics of one gateway, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._active = Gauge(
+            "relay_sessions_active", "Sessions relaying now", ["agent"], registry=r
+        )
+        self._started = Counter(
+            "relay_sessions_started", "Sessions whose client upgrade was accepted", ["agent"],
+            registry=r,
+        )
+        self._ended = Counter(
+            "relay_sessions_ended", "Sessions ended, by reason", ["agent", "reason"], registry=r
+        )
+        self._messages = Counter(
+            "relay_messages_relayed", "Messages relayed, by direction", ["direction"],
+            registry=r,
+        )
+        self._bytes = Counter(
+            "relay_bytes_relayed", "Payload bytes relayed, by direction", ["direction"],
+            registry=r,
+        )
+        self._refusals = Counter(
+            "relay_token_refusals", "Upgrades refused for their token, by reason", ["reason"],
+            registry=r,
+        )
+        self._starts = Counter(
+            "relay_start_requests", "/start answers, by HTTP status", ["status"], registry=r
+        )
+        self._dial = Histogram(
+            "relay_bot_dial_seconds", "Time to open the bot leg", ["agent"],
+            buckets=_DIAL_BUCKETS, registry=r,
+        )
+        self._evicted = Counter(
+            "relay_bodies_evicted", "Pending sessions dropped by the store's bounds",
+            registry=r,
+        )
+        for direction in DIRECTIONS:  # present at 0 from the first scrape
+            self._messages.labels(direction)
+            self._bytes.labels(direction)
+
+    def session_started(self, agent: str) -> None:
+        self._started.labels(agent).inc()
+        self._active.labels(agent).inc()
+
+    def session_ended(self, agent: str, reason: str) -> None:
+        self._ended.labels(agent, reason).inc()
+        self._active.labels(agent).dec()
+
+    def relayed(self, direction: str, messages: int, nbytes: int) -> None:
+        """Count one batch of relayed messages (called per batch, not per message)."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
+        if messages:
+            self._messages.labels(direction).inc(messages)
+        if nbytes:
+            self._bytes.labels(direction).inc(nbytes)
+
+    def token_refused(self, reason: str) -> None:
+        self._refusals.labels(reason).inc()
+
+    def start_request(self, status: int) -> None:
+        self._starts.labels(str(status)).inc()
+
+    def bot_dial(self, agent: str, seconds: float) -> None:
+        self._dial.labels(agent).observe(seconds)
+
+    def body_evicted(self) -> None:
+        self._evicted.inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type, for ``GET /metrics``."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,205 @@
+"""The relay phase for an upstream bot: two pumps, keepalive, and a bounded teardown.
+
+One nursery per session holds the client→bot pump, the bot→client pump and (when
+`ping_interval` is set) one keepalive task per peer. The first event that ends the session
+records its `Outcome` and cancels the nursery, with one exception: a peer's own close frame
+is relayed and the other direction keeps running for at most `close_timeout`, so the other
+peer's answering close travels back through the same pump.
+
+Teardown (`close()`) runs shielded and bounded by `close_timeout`: each side still open
+gets the gateway's close frame when the outcome names one (only at a frame boundary), then
+the gateway waits for that side's answering close, then every socket is closed. A side that
+sent its own close and got no answer from the other end gets the answer from the gateway
+(its own code echoed), so no client is left reporting 1006.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import trio
+
+from . import closing
+from .closing import CloseCode, Outcome
+from .config import Limits
+from .frames import (
+    OP_CLOSE,
+    OP_PING,
+    ControlFrame,
+    FrameScanner,
+    Violation,
+    encode_close,
+    encode_frame,
+    parse_close,
+)
+from .pump import CHUNK, End, Ending, Liveness, Outbound, pump
+from .wire import Conn, ConnectionLost, Stalled
+
+log = logging.getLogger(__name__)
+
+
+class Side:
+    """One peer of the relay: its connection, our writer to it, our reader of it."""
+
+    __slots__ = ("close_from", "conn", "gone", "initial", "liveness", "name", "out", "scanner")
+
+    def __init__(self, name: str, conn: Conn, *, is_client: bool, limits: Limits,
+                 initial: bytes) -> None:
+        self.name = name
+        self.conn = conn
+        stall = limits.stall_timeout
+        # The client masks what it sends us; we mask what we send the bot (we are its client).
+        self.out = Outbound(conn, mask=not is_client, stall_timeout=stall)
+        self.scanner = FrameScanner(masked=is_client, max_message_size=limits.max_message_size)
+        self.liveness = Liveness()
+        self.initial = initial
+        self.gone = False  # vanished: no more bytes either way
+        self.close_from: ControlFrame | None = None  # the close frame this peer sent
+
+
+class Passthrough:
+    """Relays frames between a client and an upstream bot until either leaves."""
+
+    def __init__(self, client: Conn, bot: Conn, limits: Limits, *,
+                 client_initial: bytes = b"", bot_initial: bytes = b"") -> None:
+        self.limits = limits
+        self.client = Side("client", client, is_client=True, limits=limits,
+                           initial=client_initial)
+        self.bot = Side("bot", bot, is_client=False, limits=limits, initial=bot_initial)
+        self.outcome: Outcome | None = None
+        self._nursery: trio.Nursery | None = None
+        self._pumps_done = 0
+
+    def end(self, outcome: Outcome) -> None:
+        """Record why the session ends (first reason wins) and stop the relay."""
+        if self.outcome is None:
+            self.outcome = outcome
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def send_first(self, frame: bytes) -> None:
+        """A frame of the gateway's own to the bot before any client frame (held body)."""
+        await self.bot.out.insert(frame)
+
+    async def run(self) -> None:
+        """Relay until the session ends; the caller's cancel scopes end it from outside."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._direction, self.client, self.bot)
+            nursery.start_soon(self._direction, self.bot, self.client)
+            if self.limits.ping_interval and math.isfinite(self.limits.ping_interval):
+                nursery.start_soon(self._keepalive, self.client)
+                nursery.start_soon(self._keepalive, self.bot)
+
+    async def _direction(self, src: Side, dst: Side) -> None:
+        end: End = await pump(src.conn, src.scanner, dst.out, liveness=src.liveness,
+                              initial=src.initial)
+        src.initial = b""
+        self._pumps_done += 1
+        from_client = src is self.client
+        if end.kind is Ending.CLOSED:
+            src.close_from = end.close
+            if self.outcome is None:
+                self.outcome = closing.CLIENT_CLOSED if from_client else closing.BOT_CLOSED
+            assert self._nursery is not None
+            if dst.close_from is not None or self._pumps_done == 2:
+                self._nursery.cancel_scope.cancel()
+            else:
+                # Let the other peer's answering close come back through the other pump.
+                self._nursery.cancel_scope.deadline = min(
+                    self._nursery.cancel_scope.deadline,
+                    trio.current_time() + self.limits.close_timeout,
+                )
+            return
+        if end.kind is Ending.GONE:
+            src.gone = True
+            outcome = closing.CLIENT_GONE if from_client else closing.BOT_GONE
+        elif end.kind is Ending.VIOLATION:
+            v = end.violation
+            assert isinstance(v, Violation)
+            outcome = (closing.client_violation if from_client else closing.bot_violation)(
+                v.close_code, closing.close_reason_text(v.reason))
+        elif end.kind is Ending.DST_GONE:
+            dst.gone = True
+            outcome = closing.BOT_GONE if from_client else closing.CLIENT_GONE
+        else:  # DST_STALLED: the destination stopped reading
+            outcome = closing.BOT_STALLED if from_client else closing.CLIENT_STALLED
+        self.end(outcome)
+
+    async def _keepalive(self, side: Side) -> None:
+        count = 0
+        while True:
+            await trio.sleep(self.limits.ping_interval)
+            count += 1
+            payload = b"relay-keepalive-%d" % count
+            side.liveness.expect(payload)
+            with trio.move_on_after(self.limits.ping_timeout) as scope:
+                await side.out.insert(encode_frame(OP_PING, payload, mask=side.out.mask))
+                await side.liveness.answered.wait()
+            if scope.cancelled_caught:
+                log.info("%s did not answer a keepalive ping within %s s",
+                         side.name, self.limits.ping_timeout)
+                side.gone = True
+                self.end(closing.CLIENT_GONE if side is self.client else closing.BOT_GONE)
+                return
+
+    # -- teardown -------------------------------------------------------------------------
+
+    def _gateway_close(self, side: Side, outcome: Outcome) -> CloseCode | None:
+        code = outcome.to_client if side is self.client else outcome.to_bot
+        if code is None and side.close_from is not None:
+            # This side closed and the other end never answered: answer for it.
+            echo_code, echo_reason = parse_close(side.close_from.payload)
+            return (echo_code, echo_reason) if echo_code is not None else (0, "")
+        return code
+
+    async def close(self, outcome: Outcome) -> None:
+        """Send the gateway's closes, await the answers, close both sockets. Bounded."""
+        try:
+            with trio.move_on_after(self.limits.close_timeout, shield=True):
+                async with trio.open_nursery() as nursery:
+                    for side in (self.client, self.bot):
+                        nursery.start_soon(self._close_side, side, outcome)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.client.conn.aclose()
+                await self.bot.conn.aclose()
+
+    async def _close_side(self, side: Side, outcome: Outcome) -> None:
+        if side.gone:
+            return
+        if not side.out.closed:
+            code = self._gateway_close(side, outcome)
+            if code is not None and side.out.at_boundary():
+                frame = (encode_close(code[0], code[1], mask=side.out.mask) if code[0]
+                         else encode_frame(OP_CLOSE, b"", mask=side.out.mask))
+                try:
+                    await side.out.insert(frame)
+                except (ConnectionLost, Stalled):
+                    return
+                side.out.closed = True
+        if side.out.closed and side.close_from is None:
+            await self._await_close(side)
+
+    async def _await_close(self, side: Side) -> None:
+        """Read and drop what the peer still sends, until its close frame or EOF."""
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        pending, side.initial = side.initial, b""
+        while True:
+            if pending:
+                n = len(pending)
+                pieces = side.scanner.feed(memoryview(pending))
+                pending = b""
+            else:
+                n = await side.conn.receive_into(buf)
+                if n == 0:
+                    return
+                pieces = side.scanner.feed(view[:n])
+            for piece in pieces:
+                if isinstance(piece, Violation):
+                    return
+                if isinstance(piece, ControlFrame) and piece.opcode == OP_CLOSE:
+                    side.close_from = piece
+                    return

@@ -1,0 +1,66 @@
+"""Live client connections per agent: admission, replacement, and their done-events.
+
+An agent holds at most `max_clients` sessions. A newcomer beyond that either replaces the
+oldest (`when_full = "replace"`: the oldest is cancelled with reason "replaced" and its
+teardown has *finished* — bot leg closed, on_client_disconnected fired — before admission
+returns) or is refused (`"reject"`). Admissions to one agent are serialised by a lock held
+across the predecessor's teardown, so two newcomers never replace the same predecessor or
+overshoot the limit. The wait for a predecessor is bounded: its teardown is itself bounded
+by close_timeout, and we give it that plus a margin before removing it by force.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Protocol
+
+import trio
+
+from .config import AgentConfig
+
+REPLACE_MARGIN = 1.0  # seconds beyond close_timeout to wait for a predecessor's teardown
+
+
+class Member(Protocol):
+    """What the registry needs of a live connection."""
+
+    done: trio.Event
+
+    def cancel(self, reason: str) -> None: ...
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._live: dict[str, list[Member]] = defaultdict(list)
+        self._locks: dict[str, trio.Lock] = defaultdict(trio.Lock)
+
+    def count(self, agent: str) -> int:
+        return len(self._live.get(agent, ()))
+
+    def is_full(self, agent: AgentConfig) -> bool:
+        return self.count(agent.name) >= agent.max_clients
+
+    def members(self) -> list[Member]:
+        return [m for members in self._live.values() for m in members]
+
+    async def admit(self, member: Member, agent: AgentConfig) -> bool:
+        """Reserve a slot for member; False when the agent is full and rejects newcomers."""
+        async with self._locks[agent.name]:
+            live = self._live[agent.name]
+            while len(live) >= agent.max_clients:
+                if agent.when_full == "reject":
+                    return False
+                oldest = live[0]
+                oldest.cancel("replaced")
+                with trio.move_on_after(agent.limits.close_timeout + REPLACE_MARGIN):
+                    await oldest.done.wait()
+                self.release(oldest, agent.name)
+            live.append(member)
+            return True
+
+    def release(self, member: Member, agent: str) -> None:
+        live = self._live.get(agent)
+        if live is not None and member in live:
+            live.remove(member)
+            if not live:
+                del self._live[agent]

@@ -1,0 +1,40 @@
+"""`relay serve`: run a Gateway until SIGINT/SIGTERM, then shut down gracefully.
+
+On a signal the gateway stops accepting, closes every session with 1001 and stops both
+planes; the process exits 0 within close_timeout + 1 s (SPEC §8). A bind that cannot be
+opened raises BindError before anything is served (the CLI turns it into exit status 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from .config import Config
+from .gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+
+async def serve_until_signal(gateway: Gateway) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.serve)
+
+            async def wait_for_signal() -> None:
+                async for signum in signals:
+                    log.info("received %s: shutting down", signal.Signals(signum).name)
+                    await gateway.shutdown()
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(wait_for_signal)
+
+
+def run_gateway(config: Config) -> int:
+    """Serve config until a signal; the process exit status."""
+    gateway = Gateway(config)
+    trio.run(serve_until_signal, gateway)
+    return 0
