@@ -77,6 +77,8 @@ class ClientConnection:
         self._h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         self._responded = False
         self._agent: str | None = None
+        self._leg: Leg | None = None
+        self._flushed = (0, 0, 0, 0)
 
     def cancel(self, reason: str) -> None:
         """End this connection from outside ("replaced", "shutdown")."""
@@ -105,6 +107,7 @@ class ClientConnection:
             if opened is None:
                 return
             self.info = opened.info
+            self._leg = opened.leg
             opened.info.connected_at = trio.current_time()
             await self.rt.events.fire("on_client_connected", opened.info)
             self.rt.metrics.session_started(opened.agent.name)
@@ -131,16 +134,23 @@ class ClientConnection:
             with trio.CancelScope(shield=True):
                 await self.rt.events.fire("on_session_timeout", opened.info)
         await opened.leg.close(outcome)
-        self._flush_counts(opened.leg)
+        self.flush_counts()
         self.rt.metrics.session_ended(opened.agent.name, outcome.reason)
         with trio.CancelScope(shield=True):
             await self.rt.events.fire("on_client_disconnected", opened.info)
 
-    def _flush_counts(self, leg: Leg) -> None:
-        if isinstance(leg, Passthrough):
-            c, b = leg.client.scanner, leg.bot.scanner
-            self.rt.metrics.relayed("client_to_bot", c.messages, c.data_bytes)
-            self.rt.metrics.relayed("bot_to_client", b.messages, b.data_bytes)
+    def flush_counts(self) -> None:
+        """Add what was relayed since the last flush to the metrics (a batch, not a message)."""
+        leg = self._leg
+        if not isinstance(leg, Passthrough):
+            return
+        c, b = leg.client.scanner, leg.bot.scanner
+        counts = (c.messages, c.data_bytes, b.messages, b.data_bytes)
+        last = self._flushed
+        if counts != last:
+            self.rt.metrics.relayed("client_to_bot", counts[0] - last[0], counts[1] - last[1])
+            self.rt.metrics.relayed("bot_to_client", counts[2] - last[2], counts[3] - last[3])
+            self._flushed = counts
 
     # -- before the upgrade ----------------------------------------------------------------
 

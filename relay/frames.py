@@ -231,7 +231,7 @@ class FrameScanner:
             self.messages += 1
         else:
             self._in_message = True
-            self._msg_size = total
+            self._msg_size = ln
         return None
 
     def _control(self, raw: bytes, hl: int) -> ControlFrame | Violation:
@@ -383,7 +383,7 @@ class FrameScanner:
                     if isinstance(frame, Violation):
                         return self._fail(out, frame)
                     out.append(frame)
-                    pos = end
+                    pos = run = end
                 elif end > n:  # payload continues in later chunks
                     self._remaining = end - n
                     pos = n

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 1024  # pending connections: a burst of calls arriving at once
 PURGE_INTERVAL = 30.0  # seconds between sweeps of expired tokens and bodies
+METRICS_INTERVAL = 5.0  # seconds between flushes of relayed counts into /metrics
 SHUTDOWN_MARGIN = 0.5  # seconds beyond close_timeout for the last sessions to finish
 
 
@@ -174,6 +175,7 @@ class Gateway:
                     for sock in listeners:
                         nursery.start_soon(self._accept_loop, sock)
                     nursery.start_soon(self._purge_loop)
+                    nursery.start_soon(self._metrics_loop)
                     ws = [(s.getsockname()[0], s.getsockname()[1]) for s in listeners]
                     task_status.started(Ports(ws=ws, api=list(api)))
                     log.info("relay listening: ws %s, api %s", ws, api)
@@ -234,6 +236,14 @@ class Gateway:
         while True:
             await trio.sleep(PURGE_INTERVAL)
             await self.rt.store.purge(self.rt.wall_clock())
+
+    async def _metrics_loop(self) -> None:
+        # Relayed message and byte counts live in each session's frame scanners; they are
+        # added to the metrics in batches here and at session end, never per message.
+        while True:
+            await trio.sleep(METRICS_INTERVAL)
+            for cc in list(self.connections):
+                cc.flush_counts()
 
     async def shutdown(self) -> None:
         """Stop accepting, close every session with 1001, then stop both planes.
