@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from .config import AgentConfig, Config, Limits, ServerConfig, StoreConfig
-from .config import build_config, default_config, load_config
+from .config import (
+    AgentConfig,
+    Config,
+    Limits,
+    ServerConfig,
+    StoreConfig,
+    build_config,
+    default_config,
+    load_config,
+)
 from .errors import BindError, BotDialError, ConfigError, RelayError
 from .gateway import Gateway, Ports
 from .inprocess import ClientDisconnected, Session
