@@ -231,7 +231,7 @@ class FrameScanner:
             self.messages += 1
         else:
             self._in_message = True
-            self._msg_size = ln
+            self._msg_size = total
         return None
 
     def _control(self, raw: bytes, hl: int) -> ControlFrame | Violation:
