@@ -171,6 +171,11 @@ class Passthrough:
             return
         if not side.out.closed:
             code = self._gateway_close(side, outcome)
+            if code is not None and side.out.backlog is not None:
+                try:
+                    await side.out.flush_backlog()
+                except (ConnectionLost, Stalled):
+                    return
             if code is not None and side.out.at_boundary():
                 frame = (encode_close(code[0], code[1], mask=side.out.mask) if code[0]
                          else encode_frame(OP_CLOSE, b"", mask=side.out.mask))
@@ -189,14 +194,17 @@ class Passthrough:
         pending, side.initial = side.initial, b""
         while True:
             if pending:
-                n = len(pending)
-                pieces = side.scanner.feed(memoryview(pending))
+                data = memoryview(pending)
                 pending = b""
             else:
                 n = await side.conn.receive_into(buf)
                 if n == 0:
                     return
-                pieces = side.scanner.feed(view[:n])
+                data = view[:n]
+            try:
+                pieces = side.scanner.feed(data)
+            except RuntimeError:  # the peer broke the protocol earlier: just drain
+                continue
             for piece in pieces:
                 if isinstance(piece, Violation):
                     return

@@ -25,7 +25,7 @@ import math
 import attrs
 import trio
 
-from .frames import OP_CLOSE, OP_PONG, ControlFrame, FrameScanner, Violation
+from .frames import OP_CLOSE, OP_PONG, ControlFrame, FrameScanner, Piece, Violation
 from .wire import Conn, ConnectionLost, Stalled
 
 CHUNK = 16384  # bytes per read: bounds memory per direction; 20 ms of 8 kHz audio is 320 B
@@ -34,7 +34,8 @@ CHUNK = 16384  # bytes per read: bounds memory per direction; 20 ms of 8 kHz aud
 class Outbound:
     """The sending side of one peer, shared by a pump and the gateway's own frames."""
 
-    __slots__ = ("_free", "_inserting", "closed", "conn", "mask", "mid_frame", "stall_timeout")
+    __slots__ = ("_free", "_inserting", "backlog", "closed", "conn", "mask", "mid_frame",
+                 "stall_timeout")
 
     def __init__(self, conn: Conn, *, mask: bool, stall_timeout: float = math.inf) -> None:
         self.conn = conn
@@ -42,8 +43,16 @@ class Outbound:
         self.stall_timeout = stall_timeout
         self.mid_frame = False  # the bytes written so far end inside a frame
         self.closed = False  # a close frame has been written to this peer
+        self.backlog: bytes | None = None  # unsent bytes up to a frame boundary (stalled)
         self._inserting = False
         self._free: trio.Event | None = None
+
+    async def flush_backlog(self) -> None:
+        """Finish what a stall left half-written; the peer is then at a frame boundary."""
+        backlog, self.backlog = self.backlog, None
+        if backlog is not None:
+            await self.conn.send_all(backlog, self.stall_timeout)
+            self.mid_frame = False
 
     def at_boundary(self) -> bool:
         return not (self.mid_frame or self._inserting or self.conn.would_block())
@@ -131,6 +140,8 @@ async def pump(
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     pending = initial
+    pieces: list[Piece] = []
+    index = 0
     try:
         while True:
             if pending:
@@ -141,7 +152,10 @@ async def pump(
                 if n == 0:
                     return End(Ending.GONE)
                 pieces = scanner.feed(view[:n])
-            for piece in pieces:
+            # Until this chunk is written, the peer's frame state is unknown: no gateway
+            # frame may be inserted (a cancelled or failed write leaves it unknown).
+            dst.mid_frame = True
+            for index, piece in enumerate(pieces):  # noqa: B007 - index read on Stalled
                 if type(piece) is memoryview or type(piece) is bytes:
                     await dst.forward(piece)
                 elif type(piece) is ControlFrame:
@@ -151,6 +165,7 @@ async def pump(
                         continue
                     await dst.forward(piece.raw)
                     if piece.opcode == OP_CLOSE:
+                        dst.mid_frame = False
                         dst.closed = True
                         return End(Ending.CLOSED, close=piece)
                 else:
@@ -162,5 +177,28 @@ async def pump(
                 dst.notify()
     except ConnectionLost:
         return End(Ending.DST_GONE)
-    except Stalled:
+    except Stalled as exc:
+        _keep_backlog(dst, exc, pieces[index + 1 :], ends_at_boundary=not scanner.mid_frame)
         return End(Ending.DST_STALLED)
+
+
+def _keep_backlog(dst: Outbound, exc: Stalled, rest: list[Piece], *,
+                  ends_at_boundary: bool) -> None:
+    """Keep what a stalled peer did not take, so teardown can finish the frame and close.
+
+    Only when the unsent bytes are known exactly (raw sockets) and run to a frame boundary;
+    otherwise the peer's stream stays marked mid-frame and gets no gateway close.
+    """
+    if exc.unsent is None:
+        return
+    parts = [exc.unsent]
+    for piece in rest:
+        if type(piece) is ControlFrame:
+            parts.append(piece.raw)
+        elif type(piece) is memoryview or type(piece) is bytes:
+            parts.append(bytes(piece))
+        else:
+            break
+    else:
+        if ends_at_boundary:
+            dst.backlog = b"".join(parts)

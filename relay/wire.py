@@ -35,7 +35,14 @@ class ConnectionLost(RelayError):
 
 
 class Stalled(RelayError):
-    """The peer accepted no bytes for the whole stall timeout."""
+    """The peer accepted no bytes for the whole stall timeout.
+
+    `unsent` is what was left of the write, when known exactly (raw sockets).
+    """
+
+    def __init__(self, message: str, unsent: bytes | None = None) -> None:
+        super().__init__(message)
+        self.unsent = unsent
 
 
 class Conn(Protocol):
@@ -126,7 +133,7 @@ class SocketConn:
                 with trio.move_on_after(stall_timeout) as scope:
                     await trio.lowlevel.wait_writable(self.sock)
                 if scope.cancelled_caught:
-                    raise Stalled(f"peer accepted nothing for {stall_timeout} s")
+                    raise Stalled(f"peer accepted nothing for {stall_timeout} s", bytes(view))
                 try:
                     sent = self.sock.send(view)
                 except (BlockingIOError, InterruptedError):
