@@ -185,7 +185,9 @@ class ControlApp:
                 raise _Refuse(404, "not_found", "Not found.", f"No route for {path}.")
             if method not in allowed:
                 raise _Refuse(
-                    405, "method_not_allowed", "Method not allowed.",
+                    405,
+                    "method_not_allowed",
+                    "Method not allowed.",
                     f"{path} accepts {', '.join(allowed)}.",
                     ((b"allow", ", ".join(allowed).encode()),),
                 )
@@ -198,8 +200,13 @@ class ControlApp:
                 await _respond(send, status, body, "application/json", cors, no_store=True)
             elif path == "/health":
                 await _respond(
-                    send, 200, await self._health(), "application/json", cors,
-                    head=method == "HEAD", no_store=True,
+                    send,
+                    200,
+                    await self._health(),
+                    "application/json",
+                    cors,
+                    head=method == "HEAD",
+                    no_store=True,
                 )
             else:
                 data, content_type = self.state.metrics.render()
@@ -208,8 +215,13 @@ class ControlApp:
             if start and method == "POST":
                 self.state.metrics.start_request(refusal.status)
             await _respond(
-                send, refusal.status, refusal.body(), "application/json",
-                cors + list(refusal.headers), head=method == "HEAD", no_store=True,
+                send,
+                refusal.status,
+                refusal.body(),
+                "application/json",
+                cors + list(refusal.headers),
+                head=method == "HEAD",
+                no_store=True,
             )
         except _Disconnected:
             return
@@ -246,16 +258,24 @@ class ControlApp:
         allow_origin = self._allowed_origin(origin)
         if allow_origin is None:
             raise _Refuse(
-                403, "origin_not_allowed", "Origin not allowed.",
+                403,
+                "origin_not_allowed",
+                "Origin not allowed.",
                 f"Origin {origin.decode('latin-1')} is not in [server] cors_origins.",
             )
-        await _respond(send, 204, b"", None, [
-            (b"vary", b"Origin"),
-            (b"access-control-allow-origin", allow_origin.encode("latin-1")),
-            (b"access-control-allow-methods", methods),
-            (b"access-control-allow-headers", CORS_ALLOW_HEADERS.encode()),
-            (b"access-control-max-age", str(CORS_MAX_AGE).encode()),
-        ])
+        await _respond(
+            send,
+            204,
+            b"",
+            None,
+            [
+                (b"vary", b"Origin"),
+                (b"access-control-allow-origin", allow_origin.encode("latin-1")),
+                (b"access-control-allow-methods", methods),
+                (b"access-control-allow-headers", CORS_ALLOW_HEADERS.encode()),
+                (b"access-control-max-age", str(CORS_MAX_AGE).encode()),
+            ],
+        )
 
     # ---------------------------------------------------------------- /health
 
@@ -271,12 +291,14 @@ class ControlApp:
 
     async def _health(self) -> bytes:
         config = self.state.config
-        return _json({
-            "status": "ok",
-            "store": "up" if await self._store_is_up() else "down",
-            "backend": config.store.backend,
-            "agents": len(config.agents),
-        })
+        return _json(
+            {
+                "status": "ok",
+                "store": "up" if await self._store_is_up() else "down",
+                "backend": config.store.backend,
+                "agents": len(config.agents),
+            }
+        )
 
     # ---------------------------------------------------------------- /start
 
@@ -287,7 +309,9 @@ class ControlApp:
         agent = state.config.agents.get(agent_name)
         if agent is None:
             raise _Refuse(
-                404, "agent_not_found", "Agent not found.",
+                404,
+                "agent_not_found",
+                "Agent not found.",
                 f"There is no agent named {agent_name!r} on this gateway.",
             )
         raw = await _read_body(scope, receive, MAX_START_BODY)
@@ -299,35 +323,49 @@ class ControlApp:
         if body is not None:
             if not token_auth:
                 raise _Refuse(
-                    400, "body_requires_token_auth", "A body needs token authentication.",
-                    f"Agent {agent_name!r} uses websocket_auth \"none\": a body can only be "
+                    400,
+                    "body_requires_token_auth",
+                    "A body needs token authentication.",
+                    f'Agent {agent_name!r} uses websocket_auth "none": a body can only be '
                     "handed to the bot of a token-authenticated session.",
                 )
             held = _json(body)
             if agent.bot_protocol == "pipecat-cloud" and len(held) > MAX_PIPECAT_BODY:
                 raise _Refuse(
-                    413, "body_too_large", "Body too large.",
+                    413,
+                    "body_too_large",
+                    "Body too large.",
                     f"Agent {agent_name!r} passes the body in the bot's URL: at most "
                     f"{MAX_PIPECAT_BODY} bytes of compact JSON, got {len(held)}.",
                 )
         if agent.when_full == "reject" and state.is_full(agent_name):
             raise _Refuse(
-                429, "agent_full", "Agent is full.",
+                429,
+                "agent_full",
+                "Agent is full.",
                 f"Agent {agent_name!r} has its maximum of {agent.max_clients} clients; "
                 "try again later.",
             )
         ws_url = f"{server.public_url}/ws/generic/{agent_name}.{server.organization}"
         session_id = str(uuid.uuid4())
         if not token_auth:
-            return 200, _json({"wsUrl": ws_url} if shape else {
-                "wsUrl": ws_url, "sessionId": session_id,
-            })
+            return 200, _json(
+                {"wsUrl": ws_url}
+                if shape
+                else {
+                    "wsUrl": ws_url,
+                    "sessionId": session_id,
+                }
+            )
         if not await self._store_is_up_for_start():
             raise _store_down()
         now = state.now()
         token = mint(
-            state.keyring, agent=agent_name, org=server.organization,
-            session_id=session_id, now=now,
+            state.keyring,
+            agent=agent_name,
+            org=server.organization,
+            session_id=session_id,
+            now=now,
         )
         try:
             await state.store.put_session(session_id, held, now + TOKEN_LIFETIME, now=now)
@@ -354,7 +392,9 @@ class ControlApp:
             matched |= hmac.compare_digest(presented, key.encode())
         if not presented or not matched:
             raise _Refuse(
-                401, "unauthorized", "Missing or unknown public key.",
+                401,
+                "unauthorized",
+                "Missing or unknown public key.",
                 "Send the gateway's public key as 'Authorization: Bearer <key>'.",
                 ((b"www-authenticate", b"Bearer"),),
             )
@@ -362,7 +402,9 @@ class ControlApp:
 
 def _store_down() -> _Refuse:
     return _Refuse(
-        503, "store_unavailable", "Session store unavailable.",
+        503,
+        "store_unavailable",
+        "Session store unavailable.",
         "Tokens cannot be issued while the session store is down; try again shortly.",
         ((b"retry-after", b"5"),),
     )
@@ -370,7 +412,9 @@ def _store_down() -> _Refuse:
 
 def _too_large(limit: int) -> _Refuse:
     return _Refuse(
-        413, "payload_too_large", "Request body too large.",
+        413,
+        "payload_too_large",
+        "Request body too large.",
         f"The /start request body may be at most {limit} bytes.",
     )
 
@@ -406,17 +450,23 @@ def _parse_request(raw: bytes) -> dict[str, Any]:
         request = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise _Refuse(
-            400, "invalid_json", "Request body is not JSON.",
+            400,
+            "invalid_json",
+            "Request body is not JSON.",
             'Send a JSON object such as {"transport": "websocket"}.',
         ) from None
     if not isinstance(request, dict):
         raise _Refuse(
-            400, "invalid_request", "Request body must be a JSON object.",
+            400,
+            "invalid_request",
+            "Request body must be a JSON object.",
             'Send a JSON object such as {"transport": "websocket"}.',
         )
     if request.get("transport") != "websocket":
         raise _Refuse(
-            400, "unsupported_transport", "Unsupported transport.",
+            400,
+            "unsupported_transport",
+            "Unsupported transport.",
             'This gateway only starts sessions with "transport": "websocket".',
         )
     return request
@@ -430,7 +480,9 @@ def _parse_shape(scope: Scope) -> bool:
         return False
     if shapes != ["client"]:
         raise _Refuse(
-            400, "invalid_request", "Unknown response shape.",
+            400,
+            "invalid_request",
+            "Unknown response shape.",
             'The only shape is "client" (?shape=client answers {"wsUrl", "token"}).',
         )
     return True
@@ -500,8 +552,11 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
         try:
             hc.create_ssl_context()
         except (OSError, ssl.SSLError) as error:
-            raise ConfigError(f"cannot load TLS certificate/key: {error}", key="server.certfile",
-                              file=config.source) from None
+            raise ConfigError(
+                f"cannot load TLS certificate/key: {error}",
+                key="server.certfile",
+                file=config.source,
+            ) from None
     return hc
 
 
@@ -531,14 +586,22 @@ async def serve_control(
             quic_sockets=[],
         )
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(
-                worker_serve, wrap_app(cast(Any, app), hc.wsgi_max_body_size, "asgi"), hc,
-                sockets=hc_sockets, shutdown_trigger=shutdown_trigger,
-            ))
-            logger.info("control plane listening on %s", ", ".join(
-                f"{'https' if config.tls else 'http'}://{h if ':' not in h else f'[{h}]'}:{p}"
-                for h, p in bound
-            ))
+            await nursery.start(
+                partial(
+                    worker_serve,
+                    wrap_app(cast(Any, app), hc.wsgi_max_body_size, "asgi"),
+                    hc,
+                    sockets=hc_sockets,
+                    shutdown_trigger=shutdown_trigger,
+                )
+            )
+            logger.info(
+                "control plane listening on %s",
+                ", ".join(
+                    f"{'https' if config.tls else 'http'}://{h if ':' not in h else f'[{h}]'}:{p}"
+                    for h, p in bound
+                ),
+            )
             task_status.started(bound)
     finally:
         for sock in sockets:

@@ -49,33 +49,45 @@ class Metrics:
             "relay_sessions_active", "Sessions relaying now", ["agent"], registry=r
         )
         self._started = Counter(
-            "relay_sessions_started", "Sessions whose client upgrade was accepted", ["agent"],
+            "relay_sessions_started",
+            "Sessions whose client upgrade was accepted",
+            ["agent"],
             registry=r,
         )
         self._ended = Counter(
             "relay_sessions_ended", "Sessions ended, by reason", ["agent", "reason"], registry=r
         )
         self._messages = Counter(
-            "relay_messages_relayed", "Messages relayed, by direction", ["direction"],
+            "relay_messages_relayed",
+            "Messages relayed, by direction",
+            ["direction"],
             registry=r,
         )
         self._bytes = Counter(
-            "relay_bytes_relayed", "Payload bytes relayed, by direction", ["direction"],
+            "relay_bytes_relayed",
+            "Payload bytes relayed, by direction",
+            ["direction"],
             registry=r,
         )
         self._refusals = Counter(
-            "relay_token_refusals", "Upgrades refused for their token, by reason", ["reason"],
+            "relay_token_refusals",
+            "Upgrades refused for their token, by reason",
+            ["reason"],
             registry=r,
         )
         self._starts = Counter(
             "relay_start_requests", "/start answers, by HTTP status", ["status"], registry=r
         )
         self._dial = Histogram(
-            "relay_bot_dial_seconds", "Time to open the bot leg", ["agent"],
-            buckets=_DIAL_BUCKETS, registry=r,
+            "relay_bot_dial_seconds",
+            "Time to open the bot leg",
+            ["agent"],
+            buckets=_DIAL_BUCKETS,
+            registry=r,
         )
         self._evicted = Counter(
-            "relay_bodies_evicted", "Pending sessions dropped by the store's bounds",
+            "relay_bodies_evicted",
+            "Pending sessions dropped by the store's bounds",
             registry=r,
         )
         for direction in DIRECTIONS:  # present at 0 from the first scrape

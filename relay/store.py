@@ -12,9 +12,14 @@ Consume results::
 
     ok        first use: here is the held body (or None)
     replayed  the session was already consumed and its token has not expired yet
-    unknown   never put here, expired, or evicted: the caller must refuse it like a
-              replay. This is what makes eviction safe: forgetting a session can lose a
-              pending start, never allow a second use.
+    unknown   nothing is known of the session and the caller gave no token expiry
+
+Two structures, bounded separately: *pending* sessions (put by /start, with their bodies;
+a /start flood evicts the oldest first, counted in metrics) and *consumed* markers (one
+per used token, kept until the token expires). A token that verifies but whose pending
+entry is unknown (minted by `relay mint-token`, or its body evicted) is a first use
+without a body, as long as no consumed marker names it. Floods of /start cannot push a
+consumed marker out, so eviction never allows a second use.
 
 Time is passed in (``now``, unix seconds), so tests drive it with a fake clock.
 """
@@ -32,6 +37,7 @@ from relay.errors import RelayError
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "MAX_CONSUMED",
     "MAX_ENTRIES",
     "ConsumeResult",
     "MemoryStore",
@@ -42,6 +48,7 @@ __all__ = [
 # Both bounds stop a /start flood (anyone holding the public key, which browsers embed)
 # from exhausting memory; past them the oldest pending sessions are forgotten first.
 MAX_ENTRIES = 100_000  # sessions: 5 min of tokens at ~330 /start per second; ~30 MB of entries
+MAX_CONSUMED = 1_000_000  # used tokens remembered until expiry: ~3,300 upgrades/s for 5 min
 MAX_BODY_BYTES = 64 * 1024 * 1024  # bytes: 64 bodies at the 1 MiB /start limit, or many small
 
 
@@ -72,7 +79,13 @@ class Store(Protocol):
         """Hold ``body`` (compact JSON, or None) for ``session_id`` until ``expires_at``."""
         ...
 
-    async def consume(self, session_id: str, now: float) -> ConsumeResult:
+    async def is_consumed(self, session_id: str, now: float | None = None) -> bool:
+        """Whether a consumed marker names ``session_id`` (a replay, refused early)."""
+        ...
+
+    async def consume(
+        self, session_id: str, now: float, *, expires_at: float | None = None
+    ) -> ConsumeResult:
         """Atomically use ``session_id`` once; see ``ConsumeResult``."""
         ...
 
@@ -93,7 +106,6 @@ class Store(Protocol):
 class _Entry:
     body: bytes | None
     expires_at: float
-    consumed: bool = False
 
     @property
     def size(self) -> int:
@@ -114,6 +126,7 @@ class MemoryStore:
         *,
         max_entries: int = MAX_ENTRIES,
         max_body_bytes: int = MAX_BODY_BYTES,
+        max_consumed: int = MAX_CONSUMED,
         on_evict: Callable[[], None] | None = None,
     ) -> None:
         if max_entries < 1 or max_body_bytes < 0:
@@ -122,6 +135,8 @@ class MemoryStore:
         self.max_body_bytes = max_body_bytes
         self._on_evict = on_evict
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._consumed: OrderedDict[str, float] = OrderedDict()  # session id → token expiry
+        self.max_consumed = max_consumed
         self._body_bytes = 0
 
     @property
@@ -146,33 +161,41 @@ class MemoryStore:
             self._drop_expired_head(now)
         self._remove(session_id)
         while self._entries and (
-            len(self._entries) >= self.max_entries
-            or self._body_bytes + size > self.max_body_bytes
+            len(self._entries) >= self.max_entries or self._body_bytes + size > self.max_body_bytes
         ):
             _, evicted = self._entries.popitem(last=False)
             self._body_bytes -= evicted.size
-            if not evicted.consumed and self._on_evict is not None:
+            if self._on_evict is not None:
                 self._on_evict()
         self._entries[session_id] = _Entry(body, expires_at)
         self._body_bytes += size
 
-    async def consume(self, session_id: str, now: float) -> ConsumeResult:
+    async def is_consumed(self, session_id: str, now: float | None = None) -> bool:
+        await trio.lowlevel.checkpoint()
+        expiry = self._consumed.get(session_id)
+        return expiry is not None and (now is None or now < expiry)
+
+    async def consume(
+        self, session_id: str, now: float, *, expires_at: float | None = None
+    ) -> ConsumeResult:
         await trio.lowlevel.checkpoint()
         self._drop_expired_head(now)
-        entry = self._entries.get(session_id)
-        if entry is None:
-            return ConsumeResult("unknown")
-        if now >= entry.expires_at:
-            self._remove(session_id)
-            return ConsumeResult("unknown")
-        if entry.consumed:
+        if session_id in self._consumed and now < self._consumed[session_id]:
             return ConsumeResult("replayed")
-        body = entry.body
-        # Keep a marker until the token expires so a replay is named as one; the body
-        # itself is handed over and no longer counted.
-        self._body_bytes -= entry.size
-        entry.body = None
-        entry.consumed = True
+        entry = self._entries.pop(session_id, None)
+        body = None
+        if entry is not None:
+            self._body_bytes -= entry.size
+            if now < entry.expires_at:
+                body = entry.body
+                expires_at = entry.expires_at if expires_at is None else expires_at
+        if expires_at is None or now >= expires_at:
+            return ConsumeResult("unknown")
+        # The marker lives until the token expires, so a replay is named as one.
+        self._consumed[session_id] = expires_at
+        self._consumed.move_to_end(session_id)
+        while len(self._consumed) > self.max_consumed:
+            self._consumed.popitem(last=False)
         return ConsumeResult("ok", body)
 
     async def purge(self, now: float) -> int:
@@ -180,7 +203,10 @@ class MemoryStore:
         expired = [sid for sid, entry in self._entries.items() if now >= entry.expires_at]
         for session_id in expired:
             self._remove(session_id)
-        return len(expired)
+        used = [sid for sid, expiry in self._consumed.items() if now >= expiry]
+        for session_id in used:
+            del self._consumed[session_id]
+        return len(expired) + len(used)
 
     async def healthy(self) -> bool:
         await trio.lowlevel.checkpoint()
@@ -189,6 +215,7 @@ class MemoryStore:
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
         self._entries.clear()
+        self._consumed.clear()
         self._body_bytes = 0
 
     def _remove(self, session_id: str) -> None:
@@ -200,5 +227,14 @@ class MemoryStore:
         while self._entries:
             session_id, entry = next(iter(self._entries.items()))
             if now < entry.expires_at:
-                return
+                break
             self._remove(session_id)
+        while self._consumed:
+            session_id, expiry = next(iter(self._consumed.items()))
+            if now < expiry:
+                break
+            del self._consumed[session_id]
+
+    @property
+    def consumed_count(self) -> int:
+        return len(self._consumed)

@@ -126,9 +126,7 @@ class KeyRing:
             if ":" in entry:
                 key_id, _, secret = entry.partition(":")
                 if not _KEY_ID.fullmatch(key_id):
-                    raise ValueError(
-                        f"entry {position}: key id must match [A-Za-z0-9_-]{{1,64}}"
-                    )
+                    raise ValueError(f"entry {position}: key id must match [A-Za-z0-9_-]{{1,64}}")
                 if not secret:
                     raise ValueError(f"entry {position}: key {key_id!r} has no secret")
             else:

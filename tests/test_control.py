@@ -9,7 +9,12 @@ expiry) is an injected number; no test sleeps.
 from __future__ import annotations
 
 import json
+import shutil
+import ssl
+import subprocess
 from collections.abc import Iterable, Sequence
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -25,7 +30,7 @@ from relay.control import (
     make_control_app,
     serve_control,
 )
-from relay.errors import BindError
+from relay.errors import BindError, ConfigError
 from relay.metrics import Metrics
 from relay.store import ConsumeResult, MemoryStore, StoreUnavailable
 from relay.tokens import TOKEN_LIFETIME, Claims, KeyRing, verify
@@ -49,11 +54,16 @@ def make_config(**server: Any) -> Config:
             "tok": {"bot": "ws://127.0.0.1:9/ws", "websocket_auth": "token"},
             "open": {"bot": "ws://127.0.0.1:9/ws"},
             "pc": {
-                "bot": "ws://127.0.0.1:9/ws", "websocket_auth": "token",
+                "bot": "ws://127.0.0.1:9/ws",
+                "websocket_auth": "token",
                 "bot_protocol": "pipecat-cloud",
             },
-            "busy": {"bot": "ws://127.0.0.1:9/ws", "websocket_auth": "token",
-                     "when_full": "reject", "max_clients": 2},
+            "busy": {
+                "bot": "ws://127.0.0.1:9/ws",
+                "websocket_auth": "token",
+                "when_full": "reject",
+                "max_clients": 2,
+            },
             "busy-replace": {"bot": "ws://127.0.0.1:9/ws", "when_full": "replace"},
         },
     )
@@ -68,15 +78,21 @@ class Harness:
         self.clock = T0
         self.full: set[str] = set()
         self.state = ControlState(
-            config=self.config, keyring=self.keys, store=self.store, metrics=self.metrics,
-            now=lambda: self.clock, is_full=lambda agent: agent in self.full, **state,
+            config=self.config,
+            keyring=self.keys,
+            store=self.store,
+            metrics=self.metrics,
+            now=lambda: self.clock,
+            is_full=lambda agent: agent in self.full,
+            **state,
         )
         self.app = make_control_app(self.state)
 
 
 class Response:
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
-                 delivered: int) -> None:
+    def __init__(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, delivered: int
+    ) -> None:
         self.status = status
         self.headers = {k.decode().lower(): v.decode() for k, v in headers}
         self.body = body
@@ -113,9 +129,16 @@ async def call(
         sent.append(dict(message))
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-        "method": method, "path": path, "raw_path": path.encode(), "query_string": query,
-        "headers": list(headers), "scheme": "http", "server": ("127.0.0.1", 8701),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "headers": list(headers),
+        "scheme": "http",
+        "server": ("127.0.0.1", 8701),
     }
     await app(scope, receive, send)
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
@@ -177,8 +200,9 @@ async def test_start_auth_none_agent_has_no_token() -> None:
 
 async def test_start_null_body_means_no_body() -> None:
     h = Harness()
-    r = await call(h.app, path="/v1/public/open/start",
-                   chunks=[b'{"transport":"websocket","body":null}'])
+    r = await call(
+        h.app, path="/v1/public/open/start", chunks=[b'{"transport":"websocket","body":null}']
+    )
     assert r.status == 200
     r = await call(h.app, chunks=[b'{"transport":"websocket","body":null}'])
     assert (await h.store.consume(r.json()["sessionId"], T0)).body is None
@@ -196,8 +220,9 @@ async def test_start_shape_client() -> None:
 async def test_start_ws_url_identical_whatever_the_body() -> None:
     h = Harness()
     small = await call(h.app)
-    big = await call(h.app, chunks=[json.dumps(
-        {"transport": "websocket", "body": "x" * 100_000}).encode()])
+    big = await call(
+        h.app, chunks=[json.dumps({"transport": "websocket", "body": "x" * 100_000}).encode()]
+    )
     assert small.json()["wsUrl"] == big.json()["wsUrl"]
     assert small.json()["sessionId"] != big.json()["sessionId"]
 
@@ -230,8 +255,9 @@ async def test_start_401(headers: tuple[tuple[bytes, bytes], ...]) -> None:
 
 
 async def test_start_401_comes_before_404() -> None:
-    assert_error(await call(Harness().app, path="/v1/public/nope/start", headers=()),
-                 401, "unauthorized")
+    assert_error(
+        await call(Harness().app, path="/v1/public/nope/start", headers=()), 401, "unauthorized"
+    )
 
 
 @pytest.mark.parametrize("agent", ["nope", "tok.acme", "%2e%2e", "x" * 65])
@@ -265,8 +291,11 @@ async def test_start_400(chunks: list[bytes], code: str) -> None:
 
 
 async def test_start_400_body_with_auth_none_agent() -> None:
-    r = await call(Harness().app, path="/v1/public/open/start",
-                   chunks=[b'{"transport":"websocket","body":{"a":1}}'])
+    r = await call(
+        Harness().app,
+        path="/v1/public/open/start",
+        chunks=[b'{"transport":"websocket","body":{"a":1}}'],
+    )
     assert_error(r, 400, "body_requires_token_auth")
 
 
@@ -307,8 +336,7 @@ async def test_start_413_stops_reading_at_the_first_byte_over() -> None:
 
 
 async def test_start_413_from_content_length_without_reading() -> None:
-    r = await call(Harness().app, headers=[AUTH, (b"content-length", b"1048577")],
-                   chunks=[b"x"])
+    r = await call(Harness().app, headers=[AUTH, (b"content-length", b"1048577")], chunks=[b"x"])
     assert_error(r, 413, "payload_too_large")
     assert r.delivered == 0
 
@@ -326,8 +354,9 @@ async def test_start_pipecat_cloud_body_limit_on_compact_json() -> None:
     assert (await call(h.app, path="/v1/public/pc/start", chunks=[ok])).status == 200
     # ...one more byte is 413, even though the request itself is small.
     over = head + b"y" * (MAX_PIPECAT_BODY - 1) + b'"}'
-    assert_error(await call(h.app, path="/v1/public/pc/start", chunks=[over]),
-                 413, "body_too_large")
+    assert_error(
+        await call(h.app, path="/v1/public/pc/start", chunks=[over]), 413, "body_too_large"
+    )
     # Whitespace in the request does not count: the limit is on compact JSON.
     spaced = json.dumps({"transport": "websocket", "body": {"k": "v" * 4000}}, indent=8)
     assert (await call(h.app, path="/v1/public/pc/start", chunks=[spaced.encode()])).status == 200
@@ -346,13 +375,17 @@ async def test_start_429_when_full_and_reject() -> None:
 async def test_start_400_comes_before_429() -> None:
     h = Harness()
     h.full = {"busy"}
-    assert_error(await call(h.app, path="/v1/public/busy/start", chunks=[b"{}"]),
-                 400, "unsupported_transport")
+    assert_error(
+        await call(h.app, path="/v1/public/busy/start", chunks=[b"{}"]),
+        400,
+        "unsupported_transport",
+    )
 
 
 class _DownStore(MemoryStore):
-    async def put_session(self, session_id: str, body: bytes | None, expires_at: float, *,
-                          now: float | None = None) -> None:
+    async def put_session(
+        self, session_id: str, body: bytes | None, expires_at: float, *, now: float | None = None
+    ) -> None:
         raise StoreUnavailable("connection refused")
 
     async def healthy(self) -> bool:
@@ -457,8 +490,11 @@ async def test_lifespan_startup_and_shutdown() -> None:
 
 
 def _preflight(origin: bytes) -> list[tuple[bytes, bytes]]:
-    return [(b"origin", origin), (b"access-control-request-method", b"POST"),
-            (b"access-control-request-headers", b"authorization, content-type")]
+    return [
+        (b"origin", origin),
+        (b"access-control-request-method", b"POST"),
+        (b"access-control-request-headers", b"authorization, content-type"),
+    ]
 
 
 async def test_cors_preflight_allowed_origin() -> None:
@@ -512,15 +548,18 @@ async def test_plain_options_lists_methods() -> None:
 
 
 async def http(
-    host: str, port: int, method: str, target: str,
-    headers: Sequence[tuple[str, str]] = (), body: bytes = b"",
+    host: str,
+    port: int,
+    method: str,
+    target: str,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
 ) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 request over a fresh TCP connection, with h11."""
     stream = await trio.open_tcp_stream(host, port)
     async with stream:
         conn = h11.Connection(h11.CLIENT)
-        request_headers = [("host", f"{host}:{port}"), ("content-length", str(len(body))),
-                           *headers]
+        request_headers = [("host", f"{host}:{port}"), ("content-length", str(len(body))), *headers]
         data = conn.send(h11.Request(method=method, target=target, headers=request_headers))
         data += conn.send(h11.Data(data=body)) if body else b""
         data += conn.send(h11.EndOfMessage())
@@ -563,17 +602,29 @@ async def test_serve_control_end_to_end() -> None:
             assert "server" not in headers
 
             auth = ("authorization", f"Bearer {PK}")
-            status, _, body = await http(host, port, "POST", "/v1/public/tok/start",
-                                         [auth, ("content-type", "application/json")],
-                                         OK_BODY)
+            status, _, body = await http(
+                host,
+                port,
+                "POST",
+                "/v1/public/tok/start",
+                [auth, ("content-type", "application/json")],
+                OK_BODY,
+            )
             assert status == 200 and set(json.loads(body)) == {"token", "wsUrl", "sessionId"}
 
-            status, _, body = await http(host, port, "POST", "/v1/public/tok/start",
-                                         [auth], _request_of_size(MAX_START_BODY))
+            status, _, body = await http(
+                host, port, "POST", "/v1/public/tok/start", [auth], _request_of_size(MAX_START_BODY)
+            )
             assert status == 200
 
-            status, _, body = await http(host, port, "POST", "/v1/public/tok/start",
-                                         [auth], _request_of_size(MAX_START_BODY + 1))
+            status, _, body = await http(
+                host,
+                port,
+                "POST",
+                "/v1/public/tok/start",
+                [auth],
+                _request_of_size(MAX_START_BODY + 1),
+            )
             assert status == 413 and json.loads(body)["code"] == "payload_too_large"
 
             status, _, body = await http(host, port, "POST", "/v1/public/tok/start", [], OK_BODY)
@@ -610,6 +661,80 @@ async def test_serve_control_bind_error_names_the_address() -> None:
         port = taken.getsockname()[1]
         config = make_config(api_bind=["127.0.0.1:0", f"127.0.0.1:{port}"])
         with pytest.raises(BindError) as info:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve_control, h.app, config)
+            await serve_control(h.app, config)  # raises before serving anything
         assert f"127.0.0.1:{port}" in str(info.value)
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[str, str]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+async def test_serve_control_over_tls(self_signed: tuple[str, str]) -> None:
+    cert, key = self_signed
+    config = make_config(certfile=cert, keyfile=key)
+    h = Harness(config)
+    context = ssl.create_default_context(cafile=cert)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            ((host, port),) = await nursery.start(serve_control, h.app, config)
+            stream = await trio.open_ssl_over_tcp_stream(
+                host, port, ssl_context=context, https_compatible=True
+            )
+            async with stream:
+                await stream.send_all(
+                    b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+                )
+                data = b""
+                while chunk := await stream.receive_some(65_536):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 200")
+            assert b'"store":"up"' in data
+            nursery.cancel_scope.cancel()
+
+
+async def test_serve_control_unreadable_tls_files_are_a_config_error(tmp_path: Path) -> None:
+    config = make_config(certfile=str(tmp_path / "no.pem"), keyfile=str(tmp_path / "no.key"))
+    with pytest.raises(ConfigError) as info:
+        await serve_control(Harness(config).app, config)
+    assert "certfile" in str(info.value)
+
+
+async def test_serve_control_shutdown_trigger_stops_gracefully() -> None:
+    h = Harness()
+    stop = trio.Event()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            ((host, port),) = await nursery.start(
+                partial(serve_control, h.app, h.config, shutdown_trigger=stop.wait)
+            )
+            assert (await http(host, port, "GET", "/health"))[0] == 200
+            stop.set()
+        # serve_control returned on its own: the nursery closed without a cancel.
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream(host, port)

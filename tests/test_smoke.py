@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 import trio
-from trio_websocket import open_websocket_url
-
 from support import bot_server, make_config, running
+from trio_websocket import open_websocket_url
 
 
 async def test_echo_inprocess_roundtrip() -> None:

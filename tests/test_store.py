@@ -43,10 +43,11 @@ async def test_consumed_marker_lasts_until_expiry_then_goes() -> None:
     store = MemoryStore()
     await store.put_session("s1", b"body", T0 + LIFE)
     await store.consume("s1", T0)
-    assert store.body_bytes == 0 and store.entry_count == 1  # body handed over, marker kept
+    # body handed over, pending entry gone, consumed marker kept
+    assert store.body_bytes == 0 and store.entry_count == 0 and store.consumed_count == 1
     assert await store.consume("s1", T0 + LIFE - 0.001) == ConsumeResult("replayed")
     assert await store.purge(T0 + LIFE) == 1
-    assert store.entry_count == 0
+    assert store.consumed_count == 0
 
 
 async def test_concurrent_consumers_get_exactly_one_ok() -> None:
@@ -105,14 +106,25 @@ async def test_byte_bound_evicts_oldest_first() -> None:
     assert store.body_bytes == 10 and len(evicted) == 1
 
 
-async def test_evicting_consumed_markers_is_not_counted() -> None:
+async def test_a_start_flood_cannot_push_out_a_consumed_marker() -> None:
     evicted: list[None] = []
     store = MemoryStore(max_entries=1, on_evict=lambda: evicted.append(None))
     await store.put_session("a", None, T0 + LIFE)
     await store.consume("a", T0)
-    await store.put_session("b", None, T0 + LIFE)
-    assert evicted == []
-    assert await store.consume("a", T0) == ConsumeResult("unknown")
+    for i in range(10):
+        await store.put_session(f"flood{i}", None, T0 + LIFE)
+    assert len(evicted) == 9  # pending sessions evicted, counted
+    assert await store.consume("a", T0, expires_at=T0 + LIFE) == ConsumeResult("replayed")
+
+
+async def test_verified_token_without_pending_entry_is_a_first_use_without_body() -> None:
+    # Tokens from `relay mint-token` (or whose body was evicted) were never put here.
+    store = MemoryStore()
+    assert await store.consume("minted", T0, expires_at=T0 + LIFE) == ConsumeResult("ok")
+    assert await store.consume("minted", T0, expires_at=T0 + LIFE) == ConsumeResult("replayed")
+    assert await store.consume("no-expiry-given", T0) == ConsumeResult("unknown")
+    assert await store.consume("expired", T0 + LIFE, expires_at=T0 + LIFE) == ConsumeResult(
+        "unknown")
 
 
 async def test_body_larger_than_the_whole_bound_is_refused() -> None:
@@ -142,9 +154,9 @@ async def test_1000_put_consume_cycles_leave_no_entries_after_expiry() -> None:
         await store.put_session(f"s{i}", b'{"n":%d}' % i, now + LIFE, now=now)
         assert (await store.consume(f"s{i}", now + 0.1)).ok
     assert store.body_bytes == 0  # consumed bodies are handed over, only markers remain
-    assert store.entry_count == 1000
+    assert store.entry_count == 0 and store.consumed_count == 1000
     assert await store.purge(now + LIFE) == 1000
-    assert store.entry_count == 0 and store.body_bytes == 0
+    assert store.entry_count == 0 and store.consumed_count == 0 and store.body_bytes == 0
 
 
 async def test_healthy_and_aclose() -> None:
@@ -164,3 +176,15 @@ async def test_cancelled_consume_does_not_use_the_session() -> None:
         await store.consume("a", T0)
     assert scope.cancelled_caught
     assert (await store.consume("a", T0)).ok
+
+
+async def test_is_consumed_peeks_without_using() -> None:
+    store = MemoryStore()
+    await store.put_session("a", b"1", T0 + LIFE)
+    assert not await store.is_consumed("a")
+    assert not await store.is_consumed("a", T0)
+    assert store.entry_count == 1  # a peek never mutates
+    assert (await store.consume("a", T0, expires_at=T0 + LIFE)).ok
+    assert await store.is_consumed("a", T0)
+    assert not await store.is_consumed("a", T0 + LIFE)  # the marker ends with the token
+    assert not await store.is_consumed("never-put")

@@ -31,13 +31,20 @@ SID = "639f91d8-d511-4677-a83b-bd7564d5d92f"
 KEYS = KeyRing.parse("k1:first-secret,k2:second-secret")
 
 
-def _token(keys: KeyRing = KEYS, *, agent: str = "my-agent", org: str = "my-org",
-           now: float = T0) -> str:
+def _token(
+    keys: KeyRing = KEYS, *, agent: str = "my-agent", org: str = "my-org", now: float = T0
+) -> str:
     return mint(keys, agent=agent, org=org, session_id=SID, now=now)
 
 
-def _verify(token: str, keys: KeyRing = KEYS, *, agent: str = "my-agent", org: str = "my-org",
-            now: float = T0 + 1) -> Claims | Refusal:
+def _verify(
+    token: str,
+    keys: KeyRing = KEYS,
+    *,
+    agent: str = "my-agent",
+    org: str = "my-org",
+    now: float = T0 + 1,
+) -> Claims | Refusal:
     return verify(token, keys, agent=agent, org=org, now=now)
 
 
@@ -158,8 +165,12 @@ def _tampered_signature() -> str:
         ("bad characters", "ab$c.def", {}, "malformed"),
         ("padding", _token() + "=", {}, "malformed"),
         ("payload not JSON", "bm90IGpzb24.c2ln", {}, "malformed"),
-        ("payload a list", base64.urlsafe_b64encode(b"[1]").decode().rstrip("=") + ".c2ln", {},
-         "malformed"),
+        (
+            "payload a list",
+            base64.urlsafe_b64encode(b"[1]").decode().rstrip("=") + ".c2ln",
+            {},
+            "malformed",
+        ),
         ("huge", "a" * 5000 + ".b", {}, "malformed"),
         ("non-ascii", "é.b", {}, "malformed"),
     ],
@@ -212,8 +223,10 @@ def test_any_single_character_mutation_is_refused(index: int, char: str) -> None
     assert isinstance(_verify(mutated), Refusal)
 
 
-@given(index=st.integers(min_value=0, max_value=len(VALID) - 1),
-       char=st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."))
+@given(
+    index=st.integers(min_value=0, max_value=len(VALID) - 1),
+    char=st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."),
+)
 def test_any_single_alphabet_mutation_is_refused(index: int, char: str) -> None:
     mutated = _replace_char(VALID, index, char)
     if mutated != VALID:
@@ -229,10 +242,13 @@ def test_tokens_module_is_sans_io() -> None:
     tree = ast.parse(Path(relay.tokens.__file__).read_text())
     imported = {
         alias.name.split(".")[0]
-        for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
     } | {
         (node.module or "").split(".")[0]
-        for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
     }
     assert not imported & {"trio", "socket", "asyncio", "time", "hypercorn", "trio_websocket"}
 
@@ -254,8 +270,7 @@ AUTH = (b"authorization", b"Bearer from-header")
         ("empty query is present", [], "token=", "from-path", ""),
         ("query name alone is present", [], "token", "from-path", ""),
         ("empty path is present", [], "", "", ""),
-        ("other scheme is not a source", [(b"authorization", b"Basic dTpw")], "token=q", "p",
-         "q"),
+        ("other scheme is not a source", [(b"authorization", b"Basic dTpw")], "token=q", "p", "q"),
         ("other scheme, nothing else", [(b"authorization", b"Basic dTpw")], "", None, None),
         ("scheme is case-insensitive", [(b"AUTHORIZATION", b"bearer tok")], "", None, "tok"),
         ("extra spaces", [(b"authorization", b"Bearer   tok  ")], "", None, "tok"),
@@ -265,7 +280,10 @@ AUTH = (b"authorization", b"Bearer from-header")
     ],
 )
 def test_find_token_order(
-    case: str, headers: list[tuple[bytes, bytes]], query: str, path: str | None,
+    case: str,
+    headers: list[tuple[bytes, bytes]],
+    query: str,
+    path: str | None,
     expected: str | None,
 ) -> None:
     assert find_token(headers, query, path) == expected, case
