@@ -3,7 +3,7 @@
     relay serve [--config FILE] [--log-level LEVEL]   run the gateway (embedded default
                                                       without --config)
     relay check-config FILE                           validate a config file, bind nothing
-    relay mint-token AGENT                            (not yet: see ``_add_mint_token``)
+    relay mint-token AGENT [--config FILE] [--url]    print a one-time token and wsUrl
 
 Exit statuses: 0 success; 2 for a usage error, a bad or missing config file, or an address
 that cannot be bound (SPEC §2, §8). ``serve`` loads and validates the whole config before it
@@ -145,18 +145,62 @@ def _agents_summary(config: Config) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# relay mint-token (reserved)
+# relay mint-token
 # --------------------------------------------------------------------------------------
 
 
 def _add_mint_token(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Reserved for ``relay mint-token AGENT``: not implemented yet.
+    p = commands.add_parser(
+        "mint-token",
+        help="print a one-time token and wsUrl for AGENT (for scripts and tests)",
+        description="Mint a token for AGENT with the key material the server uses (the "
+        "variable [server] secret_env names), and print JSON {token, wsUrl, sessionId}. "
+        "The token carries no held body; it is valid for 5 minutes and one upgrade.",
+    )
+    p.add_argument("agent", metavar="AGENT", help="an agent with websocket_auth = 'token'")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (default: embedded)")
+    p.add_argument("--url", action="store_true",
+                   help="print only the URL with the token as its last path segment")
+    p.set_defaults(handler=_mint_token)
 
-    To add it: ``p = commands.add_parser("mint-token", ...)``, its arguments (AGENT,
-    ``--config FILE``), and ``p.set_defaults(handler=_mint_token)`` with
-    ``def _mint_token(args: argparse.Namespace) -> int`` in this section. Load the config
-    as ``_serve`` does and report ``ConfigError`` through ``_fail`` (exit 2).
-    """
+
+def _mint_token(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import time
+    import uuid
+
+    from relay.tokens import KeyRing, mint
+
+    try:
+        config = load_config(args.config) if args.config else default_config()
+    except ConfigError as exc:
+        return _fail(exc)
+    agent = config.agents.get(args.agent)
+    if agent is None:
+        return _fail(ConfigError(f"no agent {args.agent!r} in the config",
+                                 key="agents", file=config.source))
+    var = config.server.secret_env
+    value = os.environ.get(var, "")
+    if not value.strip():
+        return _fail(ConfigError("is not set: the server would not accept a token signed "
+                                 "with any other key", key=f"environment variable {var}"))
+    try:
+        keys = KeyRing.parse(value)
+    except ValueError as exc:
+        return _fail(ConfigError(str(exc), key=f"environment variable {var}"))
+    session_id = str(uuid.uuid4())
+    org = config.server.organization
+    token = mint(keys, agent=agent.name, org=org, session_id=session_id, now=time.time())
+    ws_url = f"{config.server.public_url}/ws/generic/{agent.name}.{org}"
+    if agent.websocket_auth != "token":
+        print(f"relay: note: agent {agent.name!r} uses websocket_auth 'none'; "
+              "it ignores tokens", file=sys.stderr)
+    if args.url:
+        print(f"{ws_url}/{token}")
+    else:
+        print(json.dumps({"token": token, "wsUrl": ws_url, "sessionId": session_id}))
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------
