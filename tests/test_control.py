@@ -9,9 +9,7 @@ expiry) is an injected number; no test sleeps.
 from __future__ import annotations
 
 import json
-import shutil
 import ssl
-import subprocess
 from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import h11
 import pytest
 import trio
+import trustme
 
 from relay.config import Config, build_config
 from relay.control import (
@@ -667,39 +666,22 @@ async def test_serve_control_bind_error_names_the_address() -> None:
 
 @pytest.fixture
 def self_signed(tmp_path: Path) -> tuple[str, str]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return str(cert), str(key)
+    """A certificate for 127.0.0.1 and its key, as files (made by trustme, no openssl)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    key_path.write_bytes(cert.private_key_pem.bytes())
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    return str(cert_path), str(key_path)
 
 
 async def test_serve_control_over_tls(self_signed: tuple[str, str]) -> None:
     cert, key = self_signed
     config = make_config(certfile=cert, keyfile=key)
     h = Harness(config)
-    context = ssl.create_default_context(cafile=cert)
+    context = ssl.create_default_context(cafile=str(Path(cert).parent / "ca.pem"))
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             ((host, port),) = await nursery.start(serve_control, h.app, config)
