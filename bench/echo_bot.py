@@ -134,7 +134,7 @@ def main() -> int:
         end = data.find(b"\r\n\r\n")
         if end < 0:
             if len(data) > MAX_HEADER:
-                c.sock.send(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n\r\n")
+                c.sock.send(b"HTTP/1.1 431 Too Large\r\nContent-Length: 0\r\n\r\n")
                 drop(c)
             return None
         key = None
@@ -143,7 +143,7 @@ def main() -> int:
             if name.strip().lower() == b"sec-websocket-key":
                 key = value.strip()
         if not key:
-            c.sock.send(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            c.sock.send(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
             drop(c)
             return None
         accept = base64.b64encode(hashlib.sha1(key + GUID).digest())

@@ -116,6 +116,23 @@ def read_cpu_ticks(pids: list[int]) -> int:
     return total
 
 
+def read_core_times() -> dict[str, tuple[int, int]]:
+    """Per CPU line of /proc/stat: (busy ticks, total ticks); busy excludes idle + iowait."""
+    out = {}
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if not line.startswith("cpu"):
+                    break
+                name, *vals = line.split()
+                v = [int(x) for x in vals[:8]]
+                total = sum(v)
+                out["all" if name == "cpu" else name] = (total - v[3] - v[4], total)
+    except OSError:
+        pass
+    return out
+
+
 def expand_children(pids: list[int]) -> list[int]:
     out: list[int] = []
     todo = list(pids)
@@ -136,7 +153,7 @@ def expand_children(pids: list[int]) -> list[int]:
 def pct(sorted_vals: array, q: float) -> float | None:
     if not sorted_vals:
         return None
-    i = min(len(sorted_vals) - 1, max(0, int(round(q * (len(sorted_vals) - 1)))))
+    i = min(len(sorted_vals) - 1, max(0, round(q * (len(sorted_vals) - 1))))
     return sorted_vals[i] / 1e6  # ns -> ms
 
 
@@ -154,6 +171,12 @@ def main() -> int:
     ap.add_argument("--connect-timeout", type=float, default=10.0)
     ap.add_argument("--p50-limit", type=float, default=5.0, help="keeps-up RTT p50 bound, ms")
     ap.add_argument("--cpu-pid", action="append", default=[], metavar="NAME=PID[,PID]")
+    ap.add_argument(
+        "--tick-us",
+        type=float,
+        default=0.0,
+        help="0: event driven; >0: wake at most every T us and batch (cheaper, RTT +<=T)",
+    )
     ap.add_argument("--label", default="")
     args = ap.parse_args()
     if args.size < 16:
@@ -222,8 +245,12 @@ def main() -> int:
         key = base64.b64encode(os.urandom(16))
         s.accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
         req = (
-            b"GET " + path.encode() + b" HTTP/1.1\r\nHost: " + hostport
-            + b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: " + key
+            b"GET "
+            + path.encode()
+            + b" HTTP/1.1\r\nHost: "
+            + hostport
+            + b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: "
+            + key
             + b"\r\nSec-WebSocket-Version: 13\r\nUser-Agent: relay-bench-loadgen\r\n\r\n"
         )
         try:
@@ -338,6 +365,9 @@ def main() -> int:
     ru0 = ru1 = None
     t_ws = t_we = 0
     win_t0 = win_t1 = 0
+    polls_win = [0, 0]
+    core0: dict[str, tuple[int, int]] = {}
+    core1: dict[str, tuple[int, int]] = {}
 
     filler_plain_mv = filler_plain
 
@@ -389,9 +419,7 @@ def main() -> int:
                 else:
                     s.received += 1
                     stats["recv"] += 1
-                    if seq == s.expect:
-                        s.expect = seq + 1
-                    elif seq > s.expect:
+                    if seq >= s.expect:  # a jump is loss unless the gap arrives later
                         s.expect = seq + 1
                     else:
                         s.reorder += 1
@@ -446,13 +474,17 @@ def main() -> int:
         if not s.wbuf:
             ep.modify(s.fd, EPOLLIN)
 
+    polls = [0, 0]  # epoll_wait calls, events returned (measure window only, see below)
+
     def pump(timeout: float) -> None:
         try:
             events = ep.poll(timeout)
         except InterruptedError:
             return
+        polls[0] += 1
         if not events:
             return
+        polls[1] += len(events)
         now = mono()
         for fd, ev in events:
             s = fd2s.get(fd)
@@ -474,6 +506,9 @@ def main() -> int:
         end_slot = int((t_we - t0) / slot_ns)
         k = 0
         in_window = False
+        tick_ns = int(args.tick_us * 1000)
+        next_tick = 0
+        sleep = time.sleep
         pack = PREFIX.pack
         while k < end_slot:
             now = mono()
@@ -482,6 +517,8 @@ def main() -> int:
                 pid_sets = {n: expand_children(p) for n, p in cpu_targets.items()}
                 cpu0 = {n: read_cpu_ticks(p) for n, p in pid_sets.items()}
                 ru0 = resource.getrusage(resource.RUSAGE_SELF)
+                core0 = read_core_times()
+                polls[0] = polls[1] = 0
                 win_t0 = mono()
             due = int((now - t0) / slot_ns) + 1
             if due > end_slot:
@@ -518,11 +555,22 @@ def main() -> int:
                     pump(0)
                     continue
             wait = (t0 + k * slot_ns - mono()) / 1e9
-            pump(wait if wait > 0 else 0)
+            if tick_ns:
+                now = mono()
+                if next_tick > now:
+                    sleep((next_tick - now) / 1e9)
+                    next_tick += tick_ns
+                else:
+                    next_tick = now + tick_ns
+                pump(0)
+            else:
+                pump(wait if wait > 0 else 0)
         win_t1 = mono()
         if in_window:
             cpu1 = {n: read_cpu_ticks(p) for n, p in pid_sets.items()}
             ru1 = resource.getrusage(resource.RUSAGE_SELF)
+            core1 = read_core_times()
+            polls_win = list(polls)
 
         # ---------------------------------------------------------- drain
         t_drain0 = mono()
@@ -569,10 +617,25 @@ def main() -> int:
             "us_per_msg": round(secs * 1e6 / msgs_both, 2) if msgs_both else None,
         }
     self_cpu = None
+    self_detail = {}
     if ru0 is not None and ru1 is not None:
         secs = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         self_cpu = round(100 * secs / window_s, 1) if window_s else None
-        print("loadgen utime", ru1.ru_utime - ru0.ru_utime, "stime", ru1.ru_stime - ru0.ru_stime, file=sys.stderr)
+        if window_s:
+            self_detail = {
+                "user_pct": round(100 * (ru1.ru_utime - ru0.ru_utime) / window_s, 1),
+                "sys_pct": round(100 * (ru1.ru_stime - ru0.ru_stime) / window_s, 1),
+                "ctx_switches_per_s": round(
+                    ((ru1.ru_nvcsw - ru0.ru_nvcsw) + (ru1.ru_nivcsw - ru0.ru_nivcsw)) / window_s
+                ),
+                "polls_per_s": round(polls_win[0] / window_s),
+                "events_per_poll": round(polls_win[1] / polls_win[0], 2) if polls_win[0] else 0,
+            }
+    cores = {}
+    for name, (b1, t1) in core1.items():
+        b0, t0_ = core0.get(name, (b1, t1))
+        if t1 > t0_ and name != "all":
+            cores[name] = round(100 * (b1 - b0) / (t1 - t0_), 1)
     failed = sum(1 for s in sessions if s.state == FAILED)
     generator_kept_schedule = bool(
         n_live and stats["sent_win"] >= 0.99 * expected_win and big_lags <= 0.001 * expected_win
@@ -631,7 +694,9 @@ def main() -> int:
         "sends_late_over_period": big_lags,
         "backlogged_sends": stats["backlogged_sends"],
         "loadgen_cpu_pct": self_cpu,
+        "loadgen": self_detail,
         "cpu": cpu,
+        "core_busy_pct": cores,
         "errors": errors,
         "generator_kept_schedule": generator_kept_schedule,
         "keeps_up": keeps_up,

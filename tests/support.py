@@ -125,3 +125,23 @@ async def running(config: Config, **kwargs: Any) -> AsyncIterator[Running]:
         await gateway.shutdown()
         nursery.cancel_scope.cancel()
 
+
+@asynccontextmanager
+async def open_client(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]:
+    """`open_websocket_url`, plus closing the client's socket on the way out.
+
+    trio-websocket 0.12 leaves a client's socket open (CLOSE_WAIT, closed only by the
+    garbage collector, with a ResourceWarning) when the *server* starts the closing
+    handshake, as the gateway does on timeout, replacement, rejection and shutdown.
+    """
+    from trio_websocket import open_websocket_url
+
+    stream: trio.abc.Stream | None = None
+    try:
+        async with open_websocket_url(url, **kwargs) as ws:
+            stream = ws._stream
+            yield ws
+    finally:
+        if stream is not None:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()

@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Print the side-by-side table for `scripts/bench` from its JSON-lines results.
+
+Each line is one loadgen result plus "target" (direct | relay | nginx), "search"
+(whether the point belongs to the max-sessions search) and "harness_cores"
+(which CPU the load generator and the echo bot ran on).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+HARNESS_BUSY = 90.0  # % of a core: above this the load generator core is the bottleneck
+TARGET_BUSY = 90.0
+FOREIGN_MAX = 10.0  # % of a core used by unrelated processes: above this a point is disturbed
+
+
+def load(path: str) -> list[dict[str, Any]]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+def fmt(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def verdict(r: dict[str, Any]) -> str:
+    if r["keeps_up"]:
+        return "yes"
+    if foreign_pct(r) > FOREIGN_MAX:
+        return "no~"
+    if limited_by_harness(r):
+        return "no*"
+    return "no"
+
+
+def target_cpu(r: dict[str, Any]) -> dict[str, Any]:
+    return r.get("cpu", {}).get("target") or {}
+
+
+def harness_pct(r: dict[str, Any]) -> float:
+    """CPU% our harness used on core 1: loadgen, plus the echo bot unless it is the target."""
+    total = r.get("loadgen_cpu_pct") or 0.0
+    if r["target"] != "direct":
+        total += (r.get("cpu", {}).get("bot") or {}).get("cpu_pct") or 0.0
+    return total
+
+
+def core_busy(r: dict[str, Any], core: str) -> float | None:
+    return (r.get("core_busy_pct") or {}).get(core)
+
+
+def foreign_pct(r: dict[str, Any]) -> float:
+    """Largest CPU% on core 0 or 1 used by processes that are not part of this benchmark."""
+    ours = {"cpu0": target_cpu(r).get("cpu_pct") or 0.0, "cpu1": harness_pct(r)}
+    worst = 0.0
+    for core, mine in ours.items():
+        busy = core_busy(r, core)
+        if busy is not None:
+            worst = max(worst, busy - mine)
+    return worst
+
+
+def limited_by_harness(r: dict[str, Any]) -> bool:
+    """Failed while core 1 (loadgen + bot, or someone else) was saturated and the target not."""
+    if r["keeps_up"]:
+        return False
+    t = target_cpu(r).get("cpu_pct") or 0.0
+    c1 = core_busy(r, "cpu1")
+    h = c1 if c1 is not None else harness_pct(r)
+    return h >= HARNESS_BUSY and t < TARGET_BUSY
+
+
+def est_max(r: dict[str, Any]) -> str:
+    """Sessions at which the target would use a full core, if its CPU scales linearly."""
+    c = target_cpu(r).get("cpu_pct")
+    if not c or not r.get("msgs_per_s"):
+        return "-"
+    per_session = r["msgs_per_s"] / r["sessions"]
+    return str(int(r["sessions"] * 100 / c * per_session / r["rate_per_session"]))
+
+
+def main() -> int:
+    rows = load(sys.argv[1])
+    if not rows:
+        print("no results")
+        return 1
+    by = {(r["target"], r["sessions"]): r for r in rows}
+
+    def ratio(r: dict[str, Any], other: str) -> str:
+        o = by.get((other, r["sessions"]))
+        a = target_cpu(r).get("us_per_msg")
+        b = target_cpu(o).get("us_per_msg") if o else None
+        if not a or not b:
+            return "-"
+        return f"{a / b:.2f}"
+
+    cols = [
+        ("target", 7),
+        ("sess", 5),
+        ("msg/s", 7),
+        ("tgt CPU%", 8),
+        ("CPU us/msg", 10),
+        ("100%@", 6),
+        ("x nginx", 7),
+        ("x direct", 8),
+        ("p50 ms", 7),
+        ("p99 ms", 7),
+        ("lost", 6),
+        ("keeps up", 8),
+        ("core1%", 6),
+        ("other%", 6),
+        ("note", 0),
+    ]
+    head = "  ".join(name.rjust(w) if w else name for name, w in cols)
+    print(head)
+    print("-" * len(head))
+    order = {"direct": 0, "relay": 1, "nginx": 2}
+    for r in sorted(rows, key=lambda r: (order.get(r["target"], 9), r["sessions"])):
+        tc = target_cpu(r)
+        vals = [
+            r["target"],
+            str(r["sessions"]),
+            fmt(r.get("msgs_per_s"), ".0f"),
+            fmt(tc.get("cpu_pct"), ".1f"),
+            fmt(tc.get("us_per_msg")),
+            est_max(r),
+            ratio(r, "nginx"),
+            ratio(r, "direct"),
+            fmt(r.get("rtt_p50_ms")),
+            fmt(r.get("rtt_p99_ms")),
+            str(r.get("lost", "-")),
+            verdict(r),
+            fmt(core_busy(r, "cpu1"), ".0f"),
+            fmt(foreign_pct(r), ".0f"),
+            r.get("why_not", ""),
+        ]
+        print("  ".join(v.rjust(w) if w else v for v, (_, w) in zip(vals, cols, strict=True)))
+    print()
+    print("msg/s: messages per second each way (client->bot), measured over the window.")
+    print("100%@: sessions at which the target would use one full core (linear estimate).")
+    print("CPU us/msg: target process CPU (utime+stime) / messages relayed, both directions")
+    print("counted (client->bot + bot->client); for 'direct' it is the echo bot itself.")
+    print("keeps up: nothing lost/reordered/corrupt, every session opened, RTT p50 < 5 ms,")
+    print("generator on schedule. 'no*' = core 1 (loadgen [+ echo bot]) was")
+    print(f">= {HARNESS_BUSY:.0f}% busy while the target was not: the limit is the harness.")
+    print("core1%: core 1 busy (all processes). other%: CPU on core 0 or 1 used by processes")
+    print("that are not part of the benchmark; 'no~' = failed while other% > 10: re-run it.")
+    print()
+    targets = sorted({r["target"] for r in rows}, key=lambda t: order.get(t, 9))
+    for t in targets:
+        pts = sorted((r for r in rows if r["target"] == t), key=lambda r: r["sessions"])
+        ok = [r["sessions"] for r in pts if r["keeps_up"]]
+        best = max(ok) if ok else None
+        above = [r for r in pts if not r["keeps_up"] and (best is None or r["sessions"] > best)]
+        if best is None:
+            msg = "kept up with none of " + ",".join(str(r["sessions"]) for r in pts)
+        elif above:
+            first_fail = above[0]
+            if foreign_pct(first_fail) > FOREIGN_MAX:
+                how = f"disturbed by other processes ({foreign_pct(first_fail):.0f}% of a core)"
+            elif limited_by_harness(first_fail):
+                how = "harness-bound"
+            else:
+                how = "target-bound"
+            msg = f"{best} sessions (failed at {first_fail['sessions']}: {how}; "
+            msg += f"{first_fail.get('why_not', '')})"
+        else:
+            msg = f">= {best} sessions (highest point tried)"
+        ref = next((r for r in reversed(pts) if r["keeps_up"]), None)
+        if ref is not None and est_max(ref) != "-":
+            msg += f"; one full core at ~{est_max(ref)} (linear estimate)"
+        print(f"max sessions kept up  {t:7s} {msg}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

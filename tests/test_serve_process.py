@@ -1,0 +1,321 @@
+"""`relay serve` as a real process: start, answer, stop on SIGTERM/SIGINT, refuse busy binds.
+
+These tests run `python -m relay serve --config FILE` as a subprocess, so real time is
+inherent: readiness is a short poll of the WebSocket port under an overall bound, and exit
+times are measured with `time.monotonic()` around the wait for the process. Ports are
+picked by binding port 0 and closing the socket. Every process started here is killed by
+PID in a `finally`.
+
+The embedded default (no --config) binds 127.0.0.1:8700/8701, which may be busy on a
+shared machine; it is tested in-process from `relay.config.default_config()` with its
+binds replaced by port 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+from support import KEYS, open_client
+from trio_websocket import ConnectionClosed
+
+import relay
+from relay.config import ECHO_BOT, Bind, default_config
+from relay.gateway import Gateway
+
+CLOSE_TIMEOUT = 1.0  # seconds, set in the config: the shutdown bound is this + 1 s (SPEC §8)
+START_BOUND = 20.0  # seconds for the process to import and listen
+EXIT_SLACK = 3.0  # seconds beyond close_timeout we allow a loaded CI machine
+POLL = 0.05  # seconds between readiness probes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp_path: Path, ws_port: int, api_port: int) -> Path:
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        "[server]\n"
+        f'ws_bind = ["127.0.0.1:{ws_port}"]\n'
+        f'api_bind = ["127.0.0.1:{api_port}"]\n'
+        f"close_timeout = {CLOSE_TIMEOUT}\n"
+        "[agents.echo]\n"
+        f'bot = "{ECHO_BOT}"\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+@attrs.define
+class Served:
+    process: trio.Process
+    ws_port: int
+    api_port: int
+    stderr: Path
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/ws/generic/echo.local"
+
+    def stderr_text(self) -> str:
+        return self.stderr.read_text(encoding="utf-8", errors="replace")
+
+
+async def wait_listening(port: int, process: trio.Process) -> None:
+    """Poll until the port accepts a connection (or the process died)."""
+    with trio.fail_after(START_BOUND):
+        while True:
+            assert process.returncode is None, "relay serve exited before listening"
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(POLL)
+                continue
+            await stream.aclose()
+            return
+
+
+def kill(process: trio.Process) -> None:
+    if process.returncode is None:
+        try:
+            process.kill()  # by this process's PID only
+        except ProcessLookupError:
+            pass
+
+
+@asynccontextmanager
+async def relay_serve(tmp_path: Path, *args: str) -> AsyncIterator[Served]:
+    ws_port, api_port = free_port(), free_port()
+    config = write_config(tmp_path, ws_port, api_port)
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("wb") as err:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "relay", "serve", "--config", str(config), *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+        )
+    try:
+        served = Served(process, ws_port, api_port, stderr)
+        await wait_listening(ws_port, process)
+        await wait_listening(api_port, process)
+        yield served
+    finally:
+        kill(process)
+        with trio.move_on_after(5):
+            await process.wait()
+
+
+async def echo_once(url: str, message: str = "hello") -> None:
+    with trio.fail_after(10):
+        async with open_client(url) as ws:
+            await ws.send_message(message)
+            assert await ws.get_message() == message
+
+
+async def http_status(port: int, path: str) -> bytes:
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+                                  .encode())
+            data = b""
+            while b"\r\n" not in data:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+async def timed_exit(process: trio.Process) -> tuple[int, float]:
+    """Wait for the process to exit; its status and the seconds it took."""
+    start = time.monotonic()
+    with trio.fail_after(CLOSE_TIMEOUT + EXIT_SLACK + 5):
+        status = await process.wait()
+    elapsed = time.monotonic() - start
+    return status, elapsed
+
+
+# --------------------------------------------------------------------------------------
+# Start, answer, stop
+# --------------------------------------------------------------------------------------
+
+
+async def test_serve_process_answers_on_both_planes(tmp_path: Path) -> None:
+    async with relay_serve(tmp_path) as served:
+        await echo_once(served.url)
+        await echo_once(served.url, "again")
+        assert (await http_status(served.api_port, "/health")).startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_exits_0_within_close_timeout_with_idle_gateway(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    async with relay_serve(tmp_path) as served:
+        await echo_once(served.url)
+        served.process.send_signal(signum)
+        status, elapsed = await timed_exit(served.process)
+        assert status == 0, served.stderr_text()
+        assert elapsed < CLOSE_TIMEOUT + EXIT_SLACK
+        assert "Traceback" not in served.stderr_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_closes_live_sessions_with_1001_and_exits_0(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    async with relay_serve(tmp_path) as served:
+        with trio.fail_after(CLOSE_TIMEOUT + EXIT_SLACK + 10):
+            async with open_client(served.url) as ws:
+                await ws.send_message("hi")
+                assert await ws.get_message() == "hi"
+                served.process.send_signal(signum)
+                start = time.monotonic()
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+                assert closed.value.reason.code == 1001
+            status = await served.process.wait()
+            elapsed = time.monotonic() - start
+        assert status == 0, served.stderr_text()
+        assert elapsed < CLOSE_TIMEOUT + EXIT_SLACK
+
+
+async def test_sigterm_is_bounded_by_close_timeout_when_a_client_never_answers(
+    tmp_path: Path,
+) -> None:
+    """A client that completed its upgrade and then reads nothing cannot hold the exit."""
+    async with relay_serve(tmp_path) as served:
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", served.ws_port)
+        async with stream:
+            await stream.send_all(
+                b"GET /ws/generic/echo.local HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n"
+                b"connection: Upgrade\r\nsec-websocket-version: 13\r\n"
+                b"sec-websocket-key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n\r\n")
+            with trio.fail_after(10):
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = await stream.receive_some(4096)
+                    assert chunk
+                    head += chunk
+            assert head.startswith(b"HTTP/1.1 101 ")
+            served.process.send_signal(signal.SIGTERM)
+            status, elapsed = await timed_exit(served.process)
+        assert status == 0, served.stderr_text()
+        assert elapsed < CLOSE_TIMEOUT + EXIT_SLACK
+
+
+# --------------------------------------------------------------------------------------
+# Binds that cannot be opened
+# --------------------------------------------------------------------------------------
+
+
+def run_with_busy_port(tmp_path: Path, which: str) -> tuple[int, str, int]:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        other = free_port()
+        ws, api = (port, other) if which == "ws" else (other, port)
+        config = write_config(tmp_path, ws, api)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _, stderr = process.communicate(timeout=START_BOUND)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return process.returncode, stderr, port
+
+
+@pytest.mark.xfail(strict=True, reason="relay/server.py serve_until_signal: BindError is raised "
+                   "inside a trio nursery and reaches cli._serve wrapped in an ExceptionGroup, "
+                   "which it does not catch: traceback and exit 1 instead of exit 2")
+@pytest.mark.parametrize("which", ["ws", "api"])
+def test_busy_bind_exits_2_naming_the_address(tmp_path: Path, which: str) -> None:
+    status, stderr, port = run_with_busy_port(tmp_path, which)
+    assert status == 2, stderr
+    assert f"127.0.0.1:{port}" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("which", ["ws", "api"])
+def test_busy_bind_fails_without_serving_and_names_the_address(
+    tmp_path: Path, which: str
+) -> None:
+    """The weaker, currently-true half of the above: it stops, and says where."""
+    status, stderr, port = run_with_busy_port(tmp_path, which)
+    assert status != 0
+    assert f"127.0.0.1:{port}" in stderr
+
+
+@pytest.mark.xfail(strict=True, reason="relay/gateway.py serve: BindError from the control "
+                   "plane (serve_control inside serve's nursery) reaches the embedding app "
+                   "wrapped in an ExceptionGroup, and the ws listener was already bound")
+async def test_gateway_serve_raises_bind_error_for_a_busy_api_bind() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = default_config()
+        config = attrs.evolve(config, server=attrs.evolve(
+            config.server, ws_bind=(Bind("127.0.0.1", 0),), api_bind=(Bind("127.0.0.1", port),)))
+        gateway = Gateway(config, keys=KEYS)
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(relay.BindError) as exc:
+                await nursery.start(gateway.serve)
+        assert f"127.0.0.1:{port}" in str(exc.value)
+
+
+async def test_gateway_serve_raises_bind_error_for_a_busy_ws_bind() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = default_config()
+        config = attrs.evolve(config, server=attrs.evolve(
+            config.server, ws_bind=(Bind("127.0.0.1", port),), api_bind=(Bind("127.0.0.1", 0),)))
+        gateway = Gateway(config, keys=KEYS)
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(relay.BindError) as exc:
+                await nursery.start(gateway.serve)
+        assert f"127.0.0.1:{port}" in str(exc.value)
+
+
+# --------------------------------------------------------------------------------------
+# The embedded default
+# --------------------------------------------------------------------------------------
+
+
+async def test_default_config_serves_echo_local_without_tokens() -> None:
+    config = default_config()
+    assert config.server.ws_bind == (Bind("127.0.0.1", 8700),)
+    assert config.server.api_bind == (Bind("127.0.0.1", 8701),)
+    assert list(config.agents) == ["echo"]
+    assert config.agents["echo"].websocket_auth == "none"
+    assert config.server.organization == "local"
+    assert config.store.backend == "memory"
+    config = attrs.evolve(config, server=attrs.evolve(
+        config.server, ws_bind=(Bind("127.0.0.1", 0),), api_bind=(Bind("127.0.0.1", 0),)))
+    gateway = Gateway(config, environ={})  # no RELAY_SECRET: a random key, as SPEC §8
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(gateway.serve)
+        await echo_once(f"ws://127.0.0.1:{ports.ws[0][1]}/ws/generic/echo.local")
+        await gateway.shutdown()
+        nursery.cancel_scope.cancel()
