@@ -26,10 +26,18 @@ import trio
 
 from . import closing
 from .auth import Grant, authenticate, consume
-from .closing import Outcome
 from .config import AgentConfig
 from .errors import BotDialError
-from .frames import OP_TEXT, encode_close, encode_frame
+from .frames import (
+    MAX_FRAME_PAYLOAD,
+    OP_CLOSE,
+    OP_TEXT,
+    ControlFrame,
+    FrameScanner,
+    Violation,
+    encode_close,
+    encode_frame,
+)
 from .handshake import (
     Reject,
     Route,
@@ -52,7 +60,8 @@ from .wire import Conn
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_HEAD = 16384  # bytes: an upgrade request with its headers; more is refused (431)
-REFUSE_TIMEOUT = 1.0  # seconds to write a refusal to a client before dropping it
+REFUSE_TIMEOUT = 1.0  # seconds to write a refusal (and linger) before dropping a client
+LINGER_BYTES = 1 << 20  # bytes we read and drop after a refusal before closing anyway
 
 Leg = Passthrough | InprocessLeg
 
@@ -100,27 +109,36 @@ class ClientConnection:
 
     async def _serve(self) -> None:
         opened: _Opened | None = None
-        outcome: Outcome | None = None
         timed_out = False
-        with self.scope:
-            opened = await self._open()
-            if opened is None:
-                return
-            self.info = opened.info
-            self._leg = opened.leg
-            opened.info.connected_at = trio.current_time()
-            await self.rt.events.fire("on_client_connected", opened.info)
-            self.rt.metrics.session_started(opened.agent.name)
-            timeout = opened.agent.limits.session_timeout
-            with trio.move_on_after(timeout if timeout is not None else math.inf) as tscope:
-                await opened.leg.run()
-            timed_out = tscope.cancelled_caught
-        if opened is None:
-            if self.scope.cancelled_caught and not self._responded:
-                await self._refuse(Reject(503, self.cancel_reason or "cancelled",
-                                          "The gateway ended this request before it was "
-                                          f"accepted ({self.cancel_reason})."))
-            return
+        try:
+            with self.scope:
+                opened = await self._open()
+                if opened is None:
+                    return
+                self.info = opened.info
+                self._leg = opened.leg
+                opened.info.connected_at = trio.current_time()
+                await self.rt.events.fire("on_client_connected", opened.info)
+                self.rt.metrics.session_started(opened.agent.name)
+                timeout = opened.agent.limits.session_timeout
+                with trio.move_on_after(
+                    timeout if timeout is not None else math.inf
+                ) as tscope:
+                    await opened.leg.run()
+                timed_out = tscope.cancelled_caught
+        finally:
+            # Also when a scope outside ours cancelled us (the embedding app stopping
+            # serve): teardown is shielded and bounded, so it always runs to the end.
+            with trio.CancelScope(shield=True):
+                if opened is not None:
+                    await self._finish(opened, timed_out)
+                elif self.scope.cancelled_caught and not self._responded:
+                    await self._refuse(Reject(503, self.cancel_reason or "cancelled",
+                                              "The gateway ended this request before it was "
+                                              f"accepted ({self.cancel_reason})."))
+
+    async def _finish(self, opened: _Opened, timed_out: bool) -> None:
+        """Close both legs as the outcome says, then count and tell."""
         if self.cancel_reason == "replaced":
             outcome = closing.REPLACED_BY_NEWER
         elif self.cancel_reason == "shutdown":
@@ -128,16 +146,15 @@ class ClientConnection:
         elif timed_out and opened.leg.outcome is None:
             outcome = closing.TIMEOUT
         else:
+            # No reason of its own: cancelled from outside, which is a shutdown.
             outcome = opened.leg.outcome or closing.SHUTDOWN
         opened.info.end_reason = outcome.reason
         if outcome is closing.TIMEOUT:
-            with trio.CancelScope(shield=True):
-                await self.rt.events.fire("on_session_timeout", opened.info)
+            await self.rt.events.fire("on_session_timeout", opened.info)
         await opened.leg.close(outcome)
         self.flush_counts()
         self.rt.metrics.session_ended(opened.agent.name, outcome.reason)
-        with trio.CancelScope(shield=True):
-            await self.rt.events.fire("on_client_disconnected", opened.info)
+        await self.rt.events.fire("on_client_disconnected", opened.info)
 
     def flush_counts(self) -> None:
         """Add what was relayed since the last flush to the metrics (a batch, not a message)."""
@@ -164,12 +181,21 @@ class ClientConnection:
                     event = self._h.next_event()
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
-                    return Reject(status, "bad_request",
+                    return Reject(status,
+                                  "headers_too_large" if status == 431 else "bad_request",
                                   f"The upgrade request is not valid HTTP/1.1: {exc}")
                 if event is h11.NEED_DATA:
                     n = await self.conn.receive_into(buf)
                     self._h.receive_data(bytes(buf[:n]))
                 elif isinstance(event, h11.Request):
+                    # h11 bounds only an *incomplete* head; a whole head that arrived in
+                    # one read is measured here, so the limit holds however it was sent.
+                    size = len(event.target) + sum(
+                        len(k) + len(v) + 4 for k, v in event.headers.raw_items())
+                    if size > MAX_REQUEST_HEAD:
+                        return Reject(431, "headers_too_large",
+                                      f"The upgrade request head exceeds {MAX_REQUEST_HEAD} "
+                                      "bytes.")
                     request = event
                 elif isinstance(event, h11.Data):
                     return Reject(400, "unexpected_body",
@@ -213,7 +239,14 @@ class ClientConnection:
             try:
                 await self.conn.send_all(data)
             except Exception:
-                pass
+                return
+            # Lingering close (RFC 9112 §9.6): stop writing, then read what the client had
+            # already sent, so closing does not reset the connection and lose our answer.
+            self.conn.shutdown_write()
+            buf = bytearray(16384)
+            read = 0
+            while read < LINGER_BYTES and (n := await self.conn.receive_into(buf)):
+                read += n
 
     async def _accept(self, subprotocol: bytes | None, extensions: tuple[bytes, ...],
                       key: bytes) -> bool:
@@ -281,7 +314,7 @@ class ClientConnection:
             leg: Leg = InprocessLeg(
                 self.conn, rt.bots[agent.name], agent.limits, initial=early,
                 session_kwargs=dict(id=info.id, agent=agent.name,
-                                    organization=server.organization, body=consumed.body,
+                                    organization=server.organization, body=consumed.body_value,
                                     client_addr=info.client_addr, query=r.bot_query))
             if not await self._accept(None, (), upgrade.key):
                 return None
@@ -335,9 +368,15 @@ class ClientConnection:
                 await self.conn.send_all(encode_close(code[0], code[1], mask=False))
             except Exception:
                 return
+            # Wait for the client's answering close, then close TCP first (RFC 6455 §7.1.1).
+            scanner = FrameScanner(masked=True, max_message_size=MAX_FRAME_PAYLOAD)
             buf = bytearray(1024)
-            while await self.conn.receive_into(buf):
-                pass  # drain until the client answers and closes
+            while n := await self.conn.receive_into(buf):
+                for piece in scanner.feed(memoryview(buf)[:n]):
+                    if isinstance(piece, Violation) or (
+                        isinstance(piece, ControlFrame) and piece.opcode == OP_CLOSE
+                    ):
+                        return
 
 
 class _ClientLeft(Exception):

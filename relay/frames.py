@@ -164,6 +164,7 @@ class FrameScanner:
         "_max",
         "_msg_size",
         "_remaining",
+        "_resume",
         "data_bytes",
         "messages",
     )
@@ -181,10 +182,36 @@ class FrameScanner:
         self._in_message = False  # a fragmented data message is in progress
         self._msg_size = 0  # payload bytes of the fragmented message so far
         self._failed = False
+        self._resume: tuple[int, int, bytes] | None = None  # after 1009: (b0, length, tail)
         #: complete data messages seen (counted when the final frame's header is accepted)
         self.messages = 0
         #: bytes of data-frame pieces returned so far (headers + payload)
         self.data_bytes = 0
+
+    @property
+    def failed(self) -> bool:
+        """True after a Violation: feed() refuses until resume_after_too_big()."""
+        return self._failed
+
+    def resume_after_too_big(self) -> bytes | None:
+        """After a 1009 (message too big), skip the offending frame and read on.
+
+        The gateway still needs the peer's answer to its close, so the stream must stay
+        walkable: the oversized frame's payload is then returned as ordinary data pieces
+        (for the caller to drop) and the message limit is lifted. Returns the bytes of the
+        violating chunk that followed the offending header, to be fed first; None when the
+        violation was not a size violation (the stream cannot be trusted any more).
+        """
+        if self._resume is None:
+            return None
+        b0, length, tail = self._resume
+        self._resume = None
+        self._failed = False
+        self._max = MAX_FRAME_PAYLOAD
+        self._remaining = length
+        self._in_message = not (b0 & _FIN)
+        self._msg_size = 0
+        return tail
 
     @property
     def mid_frame(self) -> bool:
@@ -285,6 +312,8 @@ class FrameScanner:
             self._hdr.clear()
             violation = self._accept(b0, b1, ln)
             if violation is not None:
+                if violation.close_code == CLOSE_MESSAGE_TOO_BIG:
+                    self._resume = (b0, ln, bytes(data[hl - len(held) :]))
                 return self._fail(out, violation)
             pos = hl - len(held)
             if b0 & _CONTROL:
@@ -368,6 +397,8 @@ class FrameScanner:
                         if run < pos:
                             out.append(data[run:pos])
                             self.data_bytes += pos - run
+                        if violation.close_code == CLOSE_MESSAGE_TOO_BIG:
+                            self._resume = (b0, ln, bytes(data[pos + hl :]))
                         return self._fail(out, violation)
                     in_message = self._in_message
                 end = pos + hl + ln

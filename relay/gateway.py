@@ -29,7 +29,7 @@ import trio
 from .config import Bind, Config
 from .connection import ClientConnection
 from .control import ControlState, make_control_app, serve_control
-from .errors import BindError, ConfigError
+from .errors import BindError, ConfigError, startup_error
 from .inprocess import BotFunction, load_bot
 from .metrics import Metrics
 from .runtime import Callback, Events, Runtime
@@ -137,7 +137,8 @@ class Gateway:
             now=wall_clock, is_full=self._is_full_rejecting))
         self.connections: set[ClientConnection] = set()
         self._listeners: list[socket.socket] = []
-        self._accept_scope = trio.CancelScope()
+        self._accept_scopes: list[trio.CancelScope] = []
+        self.ports: Ports | None = None
         self._serve_scope: trio.CancelScope | None = None
         self._handlers: trio.Nursery | None = None
         self._idle = trio.Event()
@@ -177,9 +178,13 @@ class Gateway:
                     nursery.start_soon(self._purge_loop)
                     nursery.start_soon(self._metrics_loop)
                     ws = [(s.getsockname()[0], s.getsockname()[1]) for s in listeners]
-                    task_status.started(Ports(ws=ws, api=list(api)))
+                    self.ports = Ports(ws=ws, api=list(api))
                     log.info("relay listening: ws %s, api %s", ws, api)
+                    # SPEC §6: when start() returns, on_websocket_ready has fired.
                     await self.rt.events.fire("on_websocket_ready", self)
+                    task_status.started(self.ports)
+        except BaseExceptionGroup as group:
+            raise startup_error(group) from None
         finally:
             for sock in listeners:
                 try:
@@ -189,7 +194,11 @@ class Gateway:
                 sock.close()
 
     async def _accept_loop(self, lsock: socket.socket) -> None:
-        with self._accept_scope:
+        scope = trio.CancelScope()
+        self._accept_scopes.append(scope)
+        if self.rt.shutting_down:
+            return
+        with scope:
             while True:
                 await trio.lowlevel.wait_readable(lsock)
                 while True:
@@ -251,13 +260,19 @@ class Gateway:
         Bounded: sessions get the longest close_timeout of any agent, plus a margin.
         """
         self.rt.shutting_down = True
-        self._accept_scope.cancel()
+        for scope in self._accept_scopes:
+            scope.cancel()
         for cc in list(self.connections):
             cc.cancel("shutdown")
+        embedded = [m for m in self.rt.registry.members() if m not in self.connections]
+        for member in embedded:  # sessions mounted with handle() in the app's own server
+            member.cancel("shutdown")
         bound = max([a.limits.close_timeout for a in self.config.agents.values()]
                     + [self.config.server.defaults.close_timeout])
         with trio.move_on_after(bound + SHUTDOWN_MARGIN):
             await self._idle.wait()
+            for member in embedded:
+                await member.done.wait()
         if self._serve_scope is not None:
             self._serve_scope.cancel()
 

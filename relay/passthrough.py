@@ -192,6 +192,14 @@ class Passthrough:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         pending, side.initial = side.initial, b""
+        scanner = side.scanner
+        if scanner.failed:
+            tail = scanner.resume_after_too_big()
+            if tail is None:  # a protocol error: the stream cannot be walked any more
+                while await side.conn.receive_into(buf):
+                    pass
+                return
+            pending = tail + pending
         while True:
             if pending:
                 data = memoryview(pending)
@@ -201,11 +209,7 @@ class Passthrough:
                 if n == 0:
                     return
                 data = view[:n]
-            try:
-                pieces = side.scanner.feed(data)
-            except RuntimeError:  # the peer broke the protocol earlier: just drain
-                continue
-            for piece in pieces:
+            for piece in scanner.feed(data):
                 if isinstance(piece, Violation):
                     return
                 if isinstance(piece, ControlFrame) and piece.opcode == OP_CLOSE:

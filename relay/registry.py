@@ -46,16 +46,16 @@ class Registry:
     async def admit(self, member: Member, agent: AgentConfig) -> bool:
         """Reserve a slot for member; False when the agent is full and rejects newcomers."""
         async with self._locks[agent.name]:
-            live = self._live[agent.name]
-            while len(live) >= agent.max_clients:
+            while self.count(agent.name) >= agent.max_clients:
                 if agent.when_full == "reject":
                     return False
-                oldest = live[0]
+                oldest = self._live[agent.name][0]
                 oldest.cancel("replaced")
                 with trio.move_on_after(agent.limits.close_timeout + REPLACE_MARGIN):
                     await oldest.done.wait()
                 self.release(oldest, agent.name)
-            live.append(member)
+            # Looked up afresh: a release while we waited may have dropped the old list.
+            self._live[agent.name].append(member)
             return True
 
     def release(self, member: Member, agent: str) -> None:

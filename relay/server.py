@@ -13,6 +13,7 @@ import signal
 import trio
 
 from .config import Config
+from .errors import startup_error
 from .gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -36,5 +37,8 @@ async def serve_until_signal(gateway: Gateway) -> None:
 def run_gateway(config: Config) -> int:
     """Serve config until a signal; the process exit status."""
     gateway = Gateway(config)
-    trio.run(serve_until_signal, gateway)
+    try:
+        trio.run(serve_until_signal, gateway)
+    except BaseExceptionGroup as group:
+        raise startup_error(group) from None
     return 0

@@ -60,6 +60,10 @@ class Conn(Protocol):
         """True while a write is waiting for the peer (the output is not free)."""
         ...
 
+    def shutdown_write(self) -> None:
+        """Send FIN (no more writes) where the transport allows; reads go on."""
+        ...
+
     async def aclose(self) -> None:
         """Close at once; never raises, never blocks for long."""
         ...
@@ -147,6 +151,12 @@ class SocketConn:
     def would_block(self) -> bool:
         return self._blocked
 
+    def shutdown_write(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
     async def aclose(self) -> None:
         self.close_now()
         await trio.lowlevel.checkpoint()
@@ -196,6 +206,9 @@ class StreamConn:
 
     def would_block(self) -> bool:
         return self._blocked
+
+    def shutdown_write(self) -> None:
+        return None  # TLS has no half-close we could use without blocking; just close
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)

@@ -340,8 +340,6 @@ async def test_newer_client_replaces_the_oldest_with_4001() -> None:
             assert await second.get_message() == "two"
 
 
-@pytest.mark.xfail(strict=True, reason="registry.admit appends the newcomer to the list "
-                   "that release() just dropped from _live (affects the listener path too)")
 async def test_replacement_keeps_the_newcomer_counted() -> None:
     async with embedded(make_config()) as app, open_websocket_url(app.url()) as first:
         await first.send_message("one")

@@ -300,10 +300,6 @@ async def test_reject_mode_closes_newcomer_with_1013_and_leaves_existing_alone(
                     assert [e[0] for e in log.events] == ["dialled", "connected"]
 
 
-@pytest.mark.xfail(strict=True, reason="relay/connection.py _accept_and_close drains the "
-                   "client until EOF after its answering close frame; a WebSocket client "
-                   "waits for the server's TCP close (RFC 6455 §7.1.1), so every rejected "
-                   "connection lingers for REFUSE_TIMEOUT (1 s)")
 async def test_reject_mode_ends_the_tcp_connection_right_after_the_close_handshake(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -317,9 +313,6 @@ async def test_reject_mode_ends_the_tcp_connection_right_after_the_close_handsha
                 await roundtrip(first)
 
 
-@pytest.mark.xfail(strict=True, reason="relay/registry.py: release() deletes the agent's list "
-                   "when it empties, while admit() still holds it and appends the newcomer "
-                   "to the orphaned list, so after a replacement the newcomer is not counted")
 async def test_session_count_is_one_after_a_replacement(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -332,10 +325,6 @@ async def test_session_count_is_one_after_a_replacement(
                 assert gw.gateway.session_count() == 1
 
 
-@pytest.mark.xfail(strict=True, reason="relay/registry.py: the replaced-then-released agent "
-                   "list is orphaned (see test_session_count_is_one_after_a_replacement), so "
-                   "a third client is admitted next to the second: max_clients = 1 no "
-                   "longer holds")
 async def test_max_clients_one_still_holds_after_a_replacement(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -409,9 +398,6 @@ async def test_failing_callback_does_not_break_the_session(
         assert gw.gateway.session_count() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="relay/gateway.py serve(): task_status.started() is "
-                   "called before `await events.fire('on_websocket_ready')`, so an async "
-                   "callback has not finished when nursery.start() returns")
 async def test_ready_has_fired_when_start_returns_even_for_an_async_callback(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -470,9 +456,6 @@ async def test_serve_reports_the_ports_it_bound_for_port_zero(
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason="relay/gateway.py _accept_loop: every listener enters "
-                   "the one shared self._accept_scope; a CancelScope may be entered once, so "
-                   "a second ws_bind crashes serve() with RuntimeError")
 async def test_serve_reports_every_bind(autojump_clock: trio.testing.MockClock) -> None:
     config = make_config(server={"ws_bind": ["127.0.0.1:0", "127.0.0.1:0"],
                                  "api_bind": ["127.0.0.1:0", "127.0.0.1:0"]})
@@ -644,10 +627,6 @@ async def test_nothing_remains_after_a_session_ends(
             nursery.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason="relay/connection.py _serve: an outside cancellation "
-                   "(not shutdown()) propagates out of `with self.scope` and skips "
-                   "leg.close(), so the bot socket is never closed and "
-                   "on_client_disconnected never fires")
 async def test_cancelling_serve_from_outside_closes_the_bot_leg(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

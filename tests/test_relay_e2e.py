@@ -1335,11 +1335,6 @@ async def test_teardown_completes_at_once_after_gateway_or_bot_close(
     assert lag == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "after a message over max_message_size the gateway's FrameScanner is dead, so "
-    "Passthrough._await_close cannot see the peer's answering close and drains until EOF or "
-    "close_timeout: the session ends close_timeout late (relay/passthrough.py _await_close, "
-    "`except RuntimeError: continue`)"))
 async def test_teardown_completes_at_once_after_client_answers_its_1009(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -1356,10 +1351,6 @@ async def test_teardown_completes_at_once_after_client_answers_its_1009(
     assert lag == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "after the bot's message over max_message_size the gateway cannot parse the bot's "
-    "answering close (dead FrameScanner in Passthrough._await_close) and holds the bot leg "
-    "open until close_timeout"))
 async def test_bot_leg_is_closed_at_once_after_bot_answers_its_1009(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -1382,11 +1373,6 @@ async def test_bot_leg_is_closed_at_once_after_bot_answers_its_1009(
     assert lag == [0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "reject mode: after sending 1013 the gateway waits for the client to close TCP "
-    "(connection.py _accept_and_close drains until EOF) instead of closing once the client "
-    "has answered the close, so an RFC 6455 client (which waits for the server to close "
-    "first, §7.1.1) hangs for REFUSE_TIMEOUT"))
 async def test_rejected_newcomer_connection_is_closed_once_it_answers_1013(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

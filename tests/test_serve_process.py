@@ -244,9 +244,6 @@ def run_with_busy_port(tmp_path: Path, which: str) -> tuple[int, str, int]:
     return process.returncode, stderr, port
 
 
-@pytest.mark.xfail(strict=True, reason="relay/server.py serve_until_signal: BindError is raised "
-                   "inside a trio nursery and reaches cli._serve wrapped in an ExceptionGroup, "
-                   "which it does not catch: traceback and exit 1 instead of exit 2")
 @pytest.mark.parametrize("which", ["ws", "api"])
 def test_busy_bind_exits_2_naming_the_address(tmp_path: Path, which: str) -> None:
     status, stderr, port = run_with_busy_port(tmp_path, which)
@@ -265,9 +262,6 @@ def test_busy_bind_fails_without_serving_and_names_the_address(
     assert f"127.0.0.1:{port}" in stderr
 
 
-@pytest.mark.xfail(strict=True, reason="relay/gateway.py serve: BindError from the control "
-                   "plane (serve_control inside serve's nursery) reaches the embedding app "
-                   "wrapped in an ExceptionGroup, and the ws listener was already bound")
 async def test_gateway_serve_raises_bind_error_for_a_busy_api_bind() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -524,15 +524,6 @@ async def test_full_agent_in_reject_mode_1013_does_not_burn_a_valid_token() -> N
         assert bot_header(bot, 1, "x-relay-session-id") == second["sessionId"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "gateway: after the 1013 close exchange the gateway waits for the client to drop "
-        "TCP (relay/connection.py:339, _accept_and_close drains until EOF, up to REFUSE_TIMEOUT "
-        "= 1 s) instead of closing TCP first as RFC 6455 §7.1.1 asks of a server; a client "
-        "that waits for the server's TCP close (trio-websocket, browsers) hangs 1 s"
-    ),
-)
 async def test_full_agent_1013_gateway_closes_tcp_right_after_the_close_exchange(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -657,14 +648,6 @@ async def test_in_process_bot_gets_start_session_id_and_no_body_as_none() -> Non
     assert seen_by_in_process_bot[1][2] is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "gateway bug: relay/connection.py:284 passes the held body's raw compact-JSON bytes "
-        "(consumed.body) to an in-process bot instead of the JSON value (Grant.body_value, "
-        "as relay/embedded.py:242 does); session.body == b'{...}' not {...}"
-    ),
-)
 async def test_in_process_bot_gets_session_body_as_the_json_value_from_start() -> None:
     seen_by_in_process_bot.clear()
     body = {"greeting": "hi", "n": [1, 2, 3]}
