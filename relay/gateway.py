@@ -104,6 +104,12 @@ class Gateway:
         bot_ssl: ssl.SSLContext | None = None,
         environ: dict[str, str] | None = None,
     ) -> None:
+        if config.store.backend != "memory":
+            # Several instances sharing Redis is a later milestone: refuse rather than
+            # silently run a per-process store that would accept replays across instances.
+            raise ConfigError(f"backend {config.store.backend!r} is not available in this "
+                              "version of relay; use \"memory\"", key="store.backend",
+                              file=config.source)
         if keys is None:
             keys, warning = keyring_from_env(environ if environ is not None else os.environ,
                                              config.server.secret_env,

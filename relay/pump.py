@@ -142,6 +142,8 @@ async def pump(
     pending = initial
     pieces: list[Piece] = []
     index = 0
+    send_all = dst.conn.send_all
+    stall = dst.stall_timeout
     try:
         while True:
             if pending:
@@ -155,6 +157,13 @@ async def pump(
             # Until this chunk is written, the peer's frame state is unknown: no gateway
             # frame may be inserted (a cancelled or failed write leaves it unknown).
             dst.mid_frame = True
+            if len(pieces) == 1 and type(pieces[0]) is memoryview and not dst._inserting:
+                # The common case: whole data frames (or a run of payload) and nothing else.
+                await send_all(pieces[0], stall)
+                dst.mid_frame = scanner.mid_frame
+                if dst._free is not None:
+                    dst.notify()
+                continue
             for index, piece in enumerate(pieces):  # noqa: B007 - index read on Stalled
                 if type(piece) is memoryview or type(piece) is bytes:
                     await dst.forward(piece)

@@ -73,6 +73,9 @@ class Conn(Protocol):
         ...
 
 
+_wait_readable = trio.lowlevel.wait_readable  # bound once: the hot path calls it per read
+
+
 def configure_socket(sock: socket.socket) -> None:
     """Non-blocking, and Nagle off: a 320-byte audio frame must leave now, not in 40 ms."""
     sock.setblocking(False)
@@ -89,11 +92,12 @@ def _format_addr(addr: object) -> str:
 class SocketConn:
     """A plaintext TCP connection on a non-blocking stdlib socket."""
 
-    __slots__ = ("_blocked", "_closed", "_peer", "sock")
+    __slots__ = ("_blocked", "_closed", "_fd", "_peer", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         configure_socket(sock)
         self.sock = sock
+        self._fd = sock.fileno()  # trio's wait_* take an int without a fileno() call
         self._blocked = False
         self._closed = False
         try:
@@ -106,8 +110,9 @@ class SocketConn:
 
     async def receive_into(self, buf: bytearray) -> int:
         sock = self.sock
+        fd = self._fd
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            await _wait_readable(fd)
             try:
                 return sock.recv_into(buf)
             except (BlockingIOError, InterruptedError):
@@ -135,7 +140,7 @@ class SocketConn:
         try:
             while view:
                 with trio.move_on_after(stall_timeout) as scope:
-                    await trio.lowlevel.wait_writable(self.sock)
+                    await trio.lowlevel.wait_writable(self._fd)
                 if scope.cancelled_caught:
                     raise Stalled(f"peer accepted nothing for {stall_timeout} s", bytes(view))
                 try:
@@ -165,7 +170,7 @@ class SocketConn:
         if self._closed:
             return
         self._closed = True
-        trio.lowlevel.notify_closing(self.sock)
+        trio.lowlevel.notify_closing(self._fd)
         self.sock.close()
 
 
