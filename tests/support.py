@@ -145,3 +145,20 @@ async def open_client(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnect
         if stream is not None:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+
+async def raw_upgrade_status(port: int, path: str) -> int:
+    """Send one well-formed upgrade request over raw TCP; the status of the answer."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\n"
+            "connection: Upgrade\r\nsec-websocket-version: 13\r\n"
+            "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+        data = b""
+        while b"\r\n" not in data:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1])

@@ -663,3 +663,42 @@ def test_redis_backend_is_refused_at_start_not_silently_replaced() -> None:
     with pytest.raises(ConfigError) as info:
         Gateway(config, environ={"RELAY_SECRET": "k:s"})
     assert "store.backend" in str(info.value) and "redis" in str(info.value)
+
+
+async def test_replace_closes_the_predecessor_even_when_the_newcomers_dial_fails(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # SPEC §8: with "replace", the predecessor is closed even if the newcomer's dial fails.
+    from support import raw_upgrade_status
+    from trio_websocket import serve_websocket
+
+    requests = 0
+    bot_closes: list[int] = []
+
+    async def bot(request: Any) -> None:
+        nonlocal requests
+        requests += 1
+        if requests > 1:
+            await request.reject(503)
+            return
+        ws = await request.accept()
+        try:
+            while True:
+                await ws.send_message(await ws.get_message())
+        except ConnectionClosed as exc:
+            bot_closes.append(exc.reason.code)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_websocket, bot, "127.0.0.1", 0, None)
+        config = make_config(f"ws://127.0.0.1:{server.port}/bot")
+        async with running(config) as gw:
+            with trio.fail_after(BOUND):
+                async with open_client(gw.url()) as first:
+                    await roundtrip(first)
+                    status = await raw_upgrade_status(gw.ws_port, "/ws/generic/a.local")
+                    assert status == 502
+                    assert await closed_with(first) == (4001, "replaced")
+                assert gw.gateway.session_count("a") == 0
+        assert requests == 2
+        assert bot_closes == [4001]
+        nursery.cancel_scope.cancel()
