@@ -32,7 +32,7 @@ import logging
 import math
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import attrs
 import trio
@@ -65,11 +65,8 @@ from .handshake import (
     parse_bot_url,
     route,
 )
-from .inprocess import INBOX, BotFunction, ClientDisconnected, Session
+from .inprocess import BotFunction, BotHost, ClientDisconnected
 from .runtime import Runtime, SessionInfo
-
-if TYPE_CHECKING:
-    from .inprocess import InprocessLeg
 
 log = logging.getLogger(__name__)
 
@@ -567,7 +564,7 @@ class UpstreamRelay(_Leg):
 # -- the in-process bot leg ----------------------------------------------------------------
 
 
-class InprocessAdapter(_Leg):
+class InprocessAdapter(BotHost, _Leg):
     """An `inprocess.Session`'s leg over a trio-websocket connection.
 
     Provides what Session uses: `inbox_recv`, `send_event(TextMessage | BytesMessage)`,
@@ -578,27 +575,10 @@ class InprocessAdapter(_Leg):
 
     def __init__(self, ws: WebSocketConnection, bot: BotFunction, agent: AgentConfig,
                  info: SessionInfo, session_kwargs: dict[str, Any]) -> None:
+        super().__init__(bot, agent.limits, session_kwargs)
         self.ws = ws
-        self.bot = bot
         self.agent = agent
-        self.limits = agent.limits
         self.info = info
-        self.inbox_send, self.inbox_recv = trio.open_memory_channel[str | bytes](INBOX)
-        # Session is typed for InprocessLeg; this adapter has the same surface.
-        self.session = Session(cast("InprocessLeg", self), **session_kwargs)
-        self.outcome: Outcome | None = None
-        self._nursery: trio.Nursery | None = None
-        self._client_left = False
-
-    def end(self, outcome: Outcome) -> None:
-        if self.outcome is None:
-            self.outcome = outcome
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
-
-    def bot_closed(self, code: CloseCode) -> None:
-        if self.outcome is None:
-            self.outcome = closing.BOT_CLOSED
 
     async def send_event(self, event: Event) -> None:
         if self._client_left or self.ws.closed is not None:
@@ -630,29 +610,6 @@ class InprocessAdapter(_Leg):
     def _vanished(self) -> None:
         self._client_left = True
         self.end(closing.CLIENT_GONE)
-
-    async def _run_bot(self) -> None:
-        try:
-            await self.bot(self.session)
-        except ClientDisconnected:
-            pass
-        except Exception:
-            log.exception("in-process bot %r failed", self.session.agent)
-            self.end(closing.BOT_CRASHED)
-            return
-        if self.outcome is None:
-            self.outcome = Outcome("bot_closed", (1000, ""), None)
-        self.end(self.outcome)
-
-    def _client_gone(self, outcome: Outcome) -> None:
-        """The client left: the bot gets close_timeout to finish, then is cancelled."""
-        self._client_left = True
-        if self.outcome is None:
-            self.outcome = outcome
-        self.inbox_send.close()
-        assert self._nursery is not None
-        scope = self._nursery.cancel_scope
-        scope.deadline = min(scope.deadline, trio.current_time() + self.limits.close_timeout)
 
     async def _reader(self) -> None:
         limit = self.limits.max_message_size

@@ -70,7 +70,7 @@ def load_bot(spec: str) -> BotFunction:
 class Session:
     """What an in-process bot sees of its client."""
 
-    def __init__(self, leg: InprocessLeg, *, id: str, agent: str, organization: str,
+    def __init__(self, leg: BotHost, *, id: str, agent: str, organization: str,
                  body: Any, client_addr: str, query: str) -> None:
         self._leg = leg
         self.id = id
@@ -99,23 +99,24 @@ class Session:
         await self._leg.send_close(code, reason)
 
 
-class InprocessLeg:
-    """Runs one in-process bot against one client stream."""
+class BotHost:
+    """Runs one in-process bot for one client: what every transport shares.
 
-    def __init__(self, conn: Conn, bot: BotFunction, limits: Limits, *, initial: bytes,
-                 session_kwargs: dict[str, Any]) -> None:
-        self.conn = conn
+    A subclass provides the client side: `send_event(TextMessage | BytesMessage)`,
+    `send_close(code, reason)`, a reader that feeds `inbox_send` and calls
+    `_client_gone()`, and `run()` / `close()`. `InprocessLeg` does it with wsproto on
+    the gateway's own socket; `embedded.py` over a trio-websocket connection.
+    """
+
+    def __init__(self, bot: BotFunction, limits: Limits, session_kwargs: dict[str, Any]
+                 ) -> None:
         self.bot = bot
         self.limits = limits
-        self.ws = Connection(ConnectionType.SERVER, trailing_data=initial)
         self.session = Session(self, **session_kwargs)
         self.inbox_send, self.inbox_recv = trio.open_memory_channel[str | bytes](INBOX)
         self.outcome: Outcome | None = None
-        self._send_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._client_left = False
-        self._close_received = False
-        self._pong: tuple[bytes, trio.Event] | None = None
 
     def end(self, outcome: Outcome) -> None:
         if self.outcome is None:
@@ -125,10 +126,50 @@ class InprocessLeg:
 
     def bot_closed(self, code: tuple[int, str]) -> None:
         if self.outcome is None:
-            self.outcome = Outcome("bot_closed", None, None)
+            self.outcome = closing.BOT_CLOSED
 
-    async def send_first(self, frame: bytes) -> None:  # pragma: no cover - not used
+    async def send_event(self, event: Event) -> None:
         raise NotImplementedError
+
+    async def send_close(self, code: int, reason: str) -> None:
+        raise NotImplementedError
+
+    async def _run_bot(self) -> None:
+        try:
+            await self.bot(self.session)
+        except ClientDisconnected:
+            pass
+        except Exception:
+            log.exception("in-process bot %r failed", self.session.agent)
+            self.end(closing.BOT_CRASHED)
+            return
+        if self.outcome is None:
+            # The bot finished on its own: a normal close.
+            self.outcome = Outcome("bot_closed", (1000, ""), None)
+        self.end(self.outcome)
+
+    def _client_gone(self, outcome: Outcome) -> None:
+        """The client left: the bot gets close_timeout to finish, then is cancelled."""
+        self._client_left = True
+        if self.outcome is None:
+            self.outcome = outcome
+        self.inbox_send.close()
+        assert self._nursery is not None
+        scope = self._nursery.cancel_scope
+        scope.deadline = min(scope.deadline, trio.current_time() + self.limits.close_timeout)
+
+
+class InprocessLeg(BotHost):
+    """Runs one in-process bot against one client stream, with wsproto on our socket."""
+
+    def __init__(self, conn: Conn, bot: BotFunction, limits: Limits, *, initial: bytes,
+                 session_kwargs: dict[str, Any]) -> None:
+        super().__init__(bot, limits, session_kwargs)
+        self.conn = conn
+        self.ws = Connection(ConnectionType.SERVER, trailing_data=initial)
+        self._send_lock = trio.Lock()
+        self._close_received = False
+        self._pong: tuple[bytes, trio.Event] | None = None
 
     # -- writing -------------------------------------------------------------------------
 
@@ -172,30 +213,6 @@ class InprocessLeg:
             nursery.start_soon(self._run_bot)
             if self.limits.ping_interval and math.isfinite(self.limits.ping_interval):
                 nursery.start_soon(self._keepalive)
-
-    async def _run_bot(self) -> None:
-        try:
-            await self.bot(self.session)
-        except ClientDisconnected:
-            pass
-        except Exception:
-            log.exception("in-process bot %r failed", self.session.agent)
-            self.end(closing.BOT_CRASHED)
-            return
-        if self.outcome is None:
-            # The bot finished on its own: a normal close.
-            self.outcome = Outcome("bot_closed", (1000, ""), None)
-        self.end(self.outcome)
-
-    def _client_gone(self, outcome: Outcome) -> None:
-        """The client left: the bot gets close_timeout to finish, then is cancelled."""
-        self._client_left = True
-        if self.outcome is None:
-            self.outcome = outcome
-        self.inbox_send.close()
-        assert self._nursery is not None
-        scope = self._nursery.cancel_scope
-        scope.deadline = min(scope.deadline, trio.current_time() + self.limits.close_timeout)
 
     async def _reader(self) -> None:
         buf = bytearray(READ_CHUNK)
