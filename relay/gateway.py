@@ -28,7 +28,8 @@ import trio
 
 from .config import Bind, Config
 from .connection import ClientConnection
-from .control import ControlState, make_control_app, serve_control
+from .control import ControlState, make_control_app
+from .control_server import serve_control
 from .errors import BindError, ConfigError, startup_error
 from .inprocess import BotFunction, load_bot
 from .metrics import Metrics

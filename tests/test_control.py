@@ -27,8 +27,8 @@ from relay.control import (
     ASGIApp,
     ControlState,
     make_control_app,
-    serve_control,
 )
+from relay.control_server import serve_control
 from relay.errors import BindError, ConfigError
 from relay.metrics import Metrics
 from relay.store import ConsumeResult, MemoryStore, StoreUnavailable
