@@ -43,11 +43,20 @@ class App:
         return f"ws://127.0.0.1:{self.port}/ws/generic/{agent}.local{suffix}"
 
 
+POLL = 0.01  # seconds of virtual time between polls (every test here is on the fake clock)
+
+
+@pytest.fixture(autouse=True)
+def _virtual_time(autojump_clock: trio.testing.MockClock) -> trio.testing.MockClock:
+    """Every test here runs on the fake clock, so the polls below cost no wall time."""
+    return autojump_clock
+
+
 async def wait_until(done: Callable[[], bool]) -> None:
     """Poll gateway state that has no event of its own (bounded)."""
     with trio.fail_after(30):
         while not done():  # noqa: ASYNC110
-            await trio.sleep(0.01)
+            await trio.sleep(POLL)
 
 
 @asynccontextmanager
