@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 import attrs
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 from support import KEYS, BotServer, Running, bot_server, open_client
 
@@ -392,3 +393,19 @@ async def test_valid_upgrade_over_raw_socket_gets_101_from_the_bot() -> None:
         assert head.startswith(b"http/1.1 101 ")
         assert b"sec-websocket-accept: " in head
         assert len(env.bot.requests) == 1
+
+
+async def test_connections_over_max_connections_get_503_and_the_server_recovers() -> None:
+    from support import make_config, raw_upgrade_status, running
+
+    config = make_config(server={"max_connections": 1})
+    async with running(config) as gw:
+        with trio.fail_after(10):
+            idle = await trio.open_tcp_stream("127.0.0.1", gw.ws_port)  # holds the one slot
+            while gw.gateway.rt.open_connections < 1:
+                await trio.lowlevel.checkpoint()
+            assert await raw_upgrade_status(gw.ws_port, "/ws/generic/a.local") == 503
+            await idle.aclose()
+            while gw.gateway.rt.open_connections:
+                await trio.lowlevel.checkpoint()
+            assert await raw_upgrade_status(gw.ws_port, "/ws/generic/a.local") == 101
