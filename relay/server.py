@@ -7,6 +7,7 @@ opened raises BindError before anything is served (the CLI turns it into exit st
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 
@@ -17,6 +18,8 @@ from .errors import startup_error
 from .gateway import Gateway
 
 log = logging.getLogger(__name__)
+
+GC_THRESHOLDS = (100_000, 50, 100)  # allocations before a gen-0 collection, then gen 1, 2
 
 
 async def serve_until_signal(gateway: Gateway) -> None:
@@ -37,6 +40,12 @@ async def serve_until_signal(gateway: Gateway) -> None:
 def run_gateway(config: Config) -> int:
     """Serve config until a signal; the process exit status."""
     gateway = Gateway(config)
+    # The relay allocates a few short-lived objects per message; with the default gen-0
+    # threshold (700) the cyclic GC runs thousands of times a second over every live
+    # task and socket. Objects from start-up are frozen out of it, and collections are
+    # made rarer: measured, this trims RTT p99 at 200 sessions (docs/performance.md).
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         trio.run(serve_until_signal, gateway)
     except BaseExceptionGroup as group:
