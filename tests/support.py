@@ -7,11 +7,12 @@ needs time to pass uses the `autojump_clock` fixture, so timeouts run on trio's 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
+import h11
 import trio
 from trio_websocket import (
     ConnectionClosed,
@@ -162,3 +163,44 @@ async def raw_upgrade_status(port: int, path: str) -> int:
                 break
             data += chunk
     return int(data.split(b" ", 2)[1])
+
+
+async def http(
+    host: str,
+    port: int,
+    method: str,
+    target: str,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request over a fresh TCP connection, with h11."""
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        request_headers = [("host", f"{host}:{port}"), ("content-length", str(len(body))), *headers]
+        data = conn.send(h11.Request(method=method, target=target, headers=request_headers))
+        data += conn.send(h11.Data(data=body)) if body else b""
+        data += conn.send(h11.EndOfMessage())
+
+        async def send_request() -> None:
+            try:
+                await stream.send_all(data)
+            except trio.BrokenResourceError:  # the server answered early and closed
+                pass
+
+        status, response_headers, chunks = 0, {}, []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_request)
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65_536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                    response_headers = {k.decode(): v.decode() for k, v in event.headers}
+                elif isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+            nursery.cancel_scope.cancel()
+        return status, response_headers, b"".join(chunks)

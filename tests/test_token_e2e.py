@@ -29,6 +29,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 from support import BotServer, bot_server, running
+from support import http as support_http
 from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
@@ -129,33 +130,9 @@ async def http(
     body: bytes = b"",
     host: str = "127.0.0.1",
 ) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request over a fresh TCP connection, with h11 (as in test_control)."""
+    """One HTTP/1.1 request to the control plane (support.http), bounded."""
     with trio.fail_after(WAIT):
-        stream = await trio.open_tcp_stream(host, port)
-        async with stream:
-            conn = h11.Connection(h11.CLIENT)
-            request_headers = [
-                ("host", f"{host}:{port}"),
-                ("content-length", str(len(body))),
-                *headers,
-            ]
-            data = conn.send(h11.Request(method=method, target=target, headers=request_headers))
-            data += conn.send(h11.Data(data=body)) if body else b""
-            data += conn.send(h11.EndOfMessage())
-            await stream.send_all(data)
-            status, response_headers, chunks = 0, {}, []
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65_536))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                    response_headers = {k.decode(): v.decode() for k, v in event.headers}
-                elif isinstance(event, h11.Data):
-                    chunks.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    break
-            return status, response_headers, b"".join(chunks)
+        return await support_http(host, port, method, target, headers, body)
 
 
 async def start(
