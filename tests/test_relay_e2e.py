@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 from support import BotServer, bot_server, make_config, running
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 from wsproto import ConnectionType, WSConnection
@@ -1389,3 +1390,79 @@ async def test_rejected_newcomer_connection_is_closed_once_it_answers_1013(
             await first.close(1000)
         assert len(bot.requests) == 1
     assert lag == 0
+
+
+# ---------------------------------------------------------------- keepalive (SPEC §5)
+
+KEEPALIVE = {"ping_interval": 5, "ping_timeout": 5}
+WAIT_VIRTUAL = 120  # seconds of virtual time (autojump clock) for a keepalive test
+
+
+async def test_keepalive_pongs_are_not_passed_on_and_answering_peers_live_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    seen_at_bot: list[Event] = []
+
+    async def recording_echo(peer: Peer, request: Request, bot: RawBot) -> None:
+        await accept(peer)
+        while True:
+            ev = await peer.event()
+            seen_at_bot.append(ev)
+            if isinstance(ev, Ping):
+                await peer.send(ev.response())
+            elif isinstance(ev, TextMessage):
+                await peer.send_message(ev.data)
+            elif isinstance(ev, CloseConnection):
+                await peer.answer_close(ev)
+                return
+
+    async with raw_bot(recording_echo) as bot, \
+            running(make_config(bot.url, server=KEEPALIVE)) as gw:
+        with trio.fail_after(WAIT_VIRTUAL):
+            client = await connect(gw.ws_port)
+            for i in range(16):  # 32 virtual seconds: six keepalive rounds
+                await client.send_message(f"m{i}")
+                assert await client.message() == f"m{i}"
+                await trio.sleep(2)
+            assert gw.gateway.session_count() == 1
+            await client.close(1000)
+    pings_to_client = [f for f in client.frames() if f.opcode == 9]
+    assert len(pings_to_client) >= 5
+    assert all(f.payload.startswith(b"relay-keepalive-") for f in pings_to_client)
+    pings_to_bot = [e for e in seen_at_bot if isinstance(e, Ping)]
+    assert len(pings_to_bot) >= 5
+    # The client's pongs answer the gateway's pings: the bot never sees them.
+    assert not [e for e in seen_at_bot if isinstance(e, Pong)]
+
+
+async def test_client_that_stops_answering_pings_is_gone_and_bot_gets_1001(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    closes: list[tuple[int, str]] = []
+    async with bot_server(record_close(closes)) as bot, \
+            running(make_config(bot.url, server=KEEPALIVE)) as gw:
+        with trio.fail_after(WAIT_VIRTUAL):
+            client = await connect(gw.ws_port)  # never reads again: pings go unanswered
+            accepted = trio.current_time()
+            await bot.closed.wait()
+            # the first ping at +5 s, unanswered for ping_timeout 5 s
+            assert trio.current_time() - accepted == pytest.approx(10, abs=0.2)
+        assert closes[0][0] == 1001
+        await client.drop()
+
+
+async def test_bot_that_stops_answering_pings_is_gone_and_client_gets_1014(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def deaf(peer: Peer, request: Request, bot: RawBot) -> None:
+        await accept(peer)
+        await trio.sleep_forever()
+
+    async with raw_bot(deaf) as bot, \
+            running(make_config(bot.url, server=KEEPALIVE)) as gw:
+        with trio.fail_after(WAIT_VIRTUAL):
+            client = await connect(gw.ws_port)
+            accepted = trio.current_time()
+            assert await client.close_code() == (1014, "bad gateway")
+            assert trio.current_time() - accepted == pytest.approx(10, abs=0.2)
+        assert bot.requests
