@@ -45,6 +45,7 @@ from .handshake import (
     accept_headers,
     bot_request_headers,
     bot_request_target,
+    check_origin,
     check_route,
     check_upgrade,
     parse_bot_url,
@@ -291,6 +292,10 @@ class ClientConnection:
         upgrade = check_upgrade(request.method, request.http_version, list(request.headers))
         if isinstance(upgrade, Reject):
             await self._refuse(upgrade)
+            return None
+        bad = check_origin(upgrade, server.cors_origins)
+        if bad is not None:
+            await self._refuse(bad)
             return None
         agent = rt.config.agents[r.agent]
         # 2. token (verify only: a valid token is burned only once every check has passed)

@@ -44,6 +44,7 @@ import attrs
 import trio
 
 from relay.config import Config
+from relay.handshake import origin_matches
 from relay.metrics import Metrics
 from relay.store import Store, StoreUnavailable
 from relay.tokens import TOKEN_LIFETIME, KeyRing, mint
@@ -225,11 +226,8 @@ class ControlApp:
         allowed = self.state.config.server.cors_origins
         if "*" in allowed:
             return "*"
-        text = origin.decode("latin-1").lower()
-        for candidate in allowed:
-            if candidate.lower().rstrip("/") == text:
-                return origin.decode("latin-1")
-        return None
+        text = origin.decode("latin-1")
+        return text if origin_matches(text, allowed) else None
 
     def _cors_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         if not self.state.config.server.cors_origins:

@@ -60,6 +60,7 @@ from .handshake import (
     Upgrade,
     bot_request_headers,
     bot_request_target,
+    check_origin,
     check_route,
     check_upgrade,
     parse_bot_url,
@@ -169,6 +170,10 @@ class EmbeddedConnection:
         upgrade = check_upgrade(b"GET", b"1.1", headers)
         if isinstance(upgrade, Reject):
             await self._reject(upgrade)
+            return None
+        bad = check_origin(upgrade, rt.config.server.cors_origins)
+        if bad is not None:
+            await self._reject(bad)
             return None
         # wsproto keeps the offered subprotocols out of the headers; extensions stay per leg.
         upgrade = attrs.evolve(upgrade, extensions=(), subprotocols=tuple(

@@ -228,6 +228,30 @@ def check_upgrade(method: bytes, http_version: bytes, headers: Headers) -> Upgra
     )
 
 
+def origin_matches(origin: str, allowed: Iterable[str]) -> bool:
+    """Whether a browser Origin is one of `allowed` ("*" allows any); case-insensitive."""
+    text = origin.lower().rstrip("/")
+    return any(c == "*" or c.lower().rstrip("/") == text for c in allowed)
+
+
+def check_origin(upgrade: Upgrade, allowed: tuple[str, ...]) -> Reject | None:
+    """Browser upgrades from origins outside `cors_origins` → 403, once any are configured.
+
+    A page on another site can open a WebSocket to the gateway with the user's network
+    position (cross-site WebSocket hijacking); browsers always send Origin, so once the
+    operator has listed the origins allowed to call /start, upgrades carrying any other
+    Origin are refused too. Requests without Origin (telephony providers, servers) are not
+    browsers and pass. With no `cors_origins` configured nothing is checked.
+    """
+    if not allowed or upgrade.origin is None:
+        return None
+    origin = upgrade.origin.decode("latin-1")
+    if origin_matches(origin, allowed):
+        return None
+    return Reject(403, "origin_not_allowed",
+                  f"Origin {origin} is not in [server] cors_origins.")
+
+
 def accept_headers(
     key: bytes, subprotocol: bytes | None, extensions: Iterable[bytes]
 ) -> Headers:

@@ -26,6 +26,7 @@ from relay.handshake import (
     bot_request_headers,
     bot_request_target,
     check_bot_response,
+    check_origin,
     check_route,
     check_upgrade,
     parse_bot_url,
@@ -581,3 +582,28 @@ def test_handshake_module_is_sans_io() -> None:
             imported.add(node.module.split(".")[0])
     assert not imported & {"trio", "socket", "ssl", "trio_websocket", "h11", "hypercorn",
                            "asyncio", "selectors"}, imported
+
+
+def _upgrade_with_origin(origin: bytes | None) -> Upgrade:
+    return Upgrade(key=b"dGhlIHNhbXBsZSBub25jZQ==", subprotocols=(), extensions=(),
+                   origin=origin, user_agent=None, authorization=None)
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed", "refused"),
+    [
+        (b"https://evil.example", ("https://app.example",), True),
+        (b"https://app.example", ("https://app.example",), False),
+        (b"HTTPS://APP.EXAMPLE", ("https://app.example/",), False),
+        (b"https://evil.example", ("*",), False),
+        (None, ("https://app.example",), False),  # not a browser: no Origin to check
+        (b"https://evil.example", (), False),  # nothing configured: nothing checked
+    ],
+)
+def test_check_origin(origin: bytes | None, allowed: tuple[str, ...], refused: bool) -> None:
+    result = check_origin(_upgrade_with_origin(origin), allowed)
+    if refused:
+        assert result is not None and result.status == 403
+        assert result.code == "origin_not_allowed"
+    else:
+        assert result is None

@@ -811,3 +811,25 @@ async def test_mint_token_cli_without_secret_exits_2_naming_the_variable(
     assert done.returncode == 2
     assert b"RELAY_SECRET" in done.stderr
     assert done.stdout == b""
+
+
+# ------------------------------------------------------------------ browser Origin
+
+
+async def test_foreign_origin_is_403_and_does_not_burn_a_valid_token() -> None:
+    config = build_config(
+        server={"ws_bind": ["127.0.0.1:0"], "api_bind": ["127.0.0.1:0"],
+                "ping_interval": 1000, "ping_timeout": 1000, "organization": ORG,
+                "public_keys": [PK], "cors_origins": ["https://app.example"]},
+        agents={"tok": {"bot": "python:relay.echo:echo_bot", "websocket_auth": "token"}},
+    )
+    async with running(config) as gw:
+        answer = await start_ok(gw.api_port, "tok")
+        url = gw.url("tok", f"/{answer['token']}")
+        await refused_with(url, 403, "origin_not_allowed",
+                           [(b"origin", b"https://evil.example")])
+        # the same token from an allowed page works, once
+        await relay_works(url, [(b"origin", b"https://app.example")])
+        await refused_with(url, 403, "replayed")
+        # clients without Origin (telephony providers, servers) are not browsers: unaffected
+        await relay_works(gw.url("tok", f"/{(await start_ok(gw.api_port, 'tok'))['token']}"))
