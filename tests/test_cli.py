@@ -195,3 +195,16 @@ def test_python_m_relay_check_config(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.startswith(f"relay: {bad}: agents.a.session_timeout: ")
+
+
+def test_serve_with_an_unimportable_python_bot_exits_2_naming_the_agent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        '[server]\nws_bind = ["127.0.0.1:0"]\napi_bind = ["127.0.0.1:0"]\n'
+        '[agents.a]\nbot = "python:no_such_module_here:bot"\n'
+    )
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "agents.a.bot" in err and "no_such_module_here" in err

@@ -1466,3 +1466,36 @@ async def test_bot_that_stops_answering_pings_is_gone_and_client_gets_1014(
             assert await client.close_code() == (1014, "bad gateway")
             assert trio.current_time() - accepted == pytest.approx(10, abs=0.2)
         assert bot.requests
+
+
+async def test_client_sending_an_unmasked_frame_gets_1002_and_bot_1001() -> None:
+    closes: list[tuple[int, str]] = []
+    async with bot_server(record_close(closes)) as bot, running(make_config(bot.url)) as gw:
+        with trio.fail_after(WAIT):
+            client = await connect(gw.ws_port)
+            await client.send_message("fine")
+            assert await client.message() == "fine"
+            await client.stream.send_all(b"\x82\x03abc")  # binary frame, MASK bit clear
+            code, _reason = await client.close_code()
+            assert code == 1002
+            await bot.closed.wait()
+        assert closes[0][0] == 1001
+        assert bot.received == ["fine"]  # the bad frame never reached the bot
+
+
+async def test_bot_sending_a_masked_frame_gets_1002_and_client_1001() -> None:
+    async def masking_bot(peer: Peer, request: Request, bot: RawBot) -> None:
+        await accept(peer)
+        await peer.stream.send_all(b"\x81\x82\x00\x00\x00\x00hi")  # server frames are unmasked
+        try:
+            await peer.close_code()
+        except AssertionError:
+            pass
+        bot.closes.append(peer.wire_close() or (0, ""))
+
+    async with raw_bot(masking_bot) as bot, running(make_config(bot.url)) as gw:
+        with trio.fail_after(WAIT):
+            client = await connect(gw.ws_port)
+            assert (await client.close_code())[0] == 1001
+            await bot.done.wait()
+        assert bot.closes[0][0] == 1002
