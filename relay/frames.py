@@ -182,7 +182,8 @@ class FrameScanner:
         self._in_message = False  # a fragmented data message is in progress
         self._msg_size = 0  # payload bytes of the fragmented message so far
         self._failed = False
-        self._resume: tuple[int, int, bytes] | None = None  # after 1009: (b0, length, tail)
+        # after a violation: (payload bytes to skip, in_message afterwards, bytes to feed next)
+        self._resume: tuple[int, bool, bytes] | None = None
         #: complete data messages seen (counted when the final frame's header is accepted)
         self.messages = 0
         #: bytes of data-frame pieces returned so far (headers + payload)
@@ -190,28 +191,34 @@ class FrameScanner:
 
     @property
     def failed(self) -> bool:
-        """True after a Violation: feed() refuses until resume_after_too_big()."""
+        """True after a Violation: feed() refuses until resume_after_violation()."""
         return self._failed
 
-    def resume_after_too_big(self) -> bytes | None:
-        """After a 1009 (message too big), skip the offending frame and read on.
+    def resume_after_violation(self) -> bytes | None:
+        """After a Violation, skip the offending frame and read on, with no message limit.
 
         The gateway still needs the peer's answer to its close, so the stream must stay
-        walkable: the oversized frame's payload is then returned as ordinary data pieces
-        (for the caller to drop) and the message limit is lifted. Returns the bytes of the
-        violating chunk that followed the offending header, to be fed first; None when the
-        violation was not a size violation (the stream cannot be trusted any more).
+        walkable: the offending frame's payload is then returned as ordinary data pieces
+        (for the caller to drop). Returns the bytes of the violating chunk that followed
+        the offending frame's header (or the whole offending control frame), to be fed
+        first; None when the stream cannot be walked any more (a 64-bit length with its
+        top bit set).
         """
         if self._resume is None:
             return None
-        b0, length, tail = self._resume
+        length, in_message, tail = self._resume
         self._resume = None
         self._failed = False
         self._max = MAX_FRAME_PAYLOAD
         self._remaining = length
-        self._in_message = not (b0 & _FIN)
+        self._in_message = in_message
         self._msg_size = 0
         return tail
+
+    def _resume_at(self, b0: int, ln: int, tail: bytes) -> None:
+        if ln <= MAX_FRAME_PAYLOAD:
+            after = self._in_message if b0 & _CONTROL else not (b0 & _FIN)
+            self._resume = (ln, after, tail)
 
     @property
     def mid_frame(self) -> bool:
@@ -312,8 +319,7 @@ class FrameScanner:
             self._hdr.clear()
             violation = self._accept(b0, b1, ln)
             if violation is not None:
-                if violation.close_code == CLOSE_MESSAGE_TOO_BIG:
-                    self._resume = (b0, ln, bytes(data[hl - len(held) :]))
+                self._resume_at(b0, ln, bytes(data[hl - len(held) :]))
                 return self._fail(out, violation)
             pos = hl - len(held)
             if b0 & _CONTROL:
@@ -346,6 +352,7 @@ class FrameScanner:
             self._ctrl_need = 0
             frame = self._control(raw, len(raw) - (raw[1] & _LEN7))
             if isinstance(frame, Violation):
+                self._resume = (0, self._in_message, bytes(data[pos:]))
                 return self._fail(out, frame)
             out.append(frame)
             run = pos
@@ -397,8 +404,7 @@ class FrameScanner:
                         if run < pos:
                             out.append(data[run:pos])
                             self.data_bytes += pos - run
-                        if violation.close_code == CLOSE_MESSAGE_TOO_BIG:
-                            self._resume = (b0, ln, bytes(data[pos + hl :]))
+                        self._resume_at(b0, ln, bytes(data[pos + hl :]))
                         return self._fail(out, violation)
                     in_message = self._in_message
                 end = pos + hl + ln
@@ -412,6 +418,7 @@ class FrameScanner:
                         return out
                     frame = self._control(bytes(data[pos:end]), hl)
                     if isinstance(frame, Violation):
+                        self._resume = (0, self._in_message, bytes(data[end:]))
                         return self._fail(out, frame)
                     out.append(frame)
                     pos = run = end

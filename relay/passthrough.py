@@ -194,8 +194,8 @@ class Passthrough:
         pending, side.initial = side.initial, b""
         scanner = side.scanner
         if scanner.failed:
-            tail = scanner.resume_after_too_big()
-            if tail is None:  # a protocol error: the stream cannot be walked any more
+            tail = scanner.resume_after_violation()
+            if tail is None:  # the stream cannot be walked any more: read until EOF
                 while await side.conn.receive_into(buf):
                     pass
                 return

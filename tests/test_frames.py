@@ -799,3 +799,33 @@ def test_valid_close_code() -> None:
     valid = {c for c in range(70_000) if valid_close_code(c)}
     expected = {*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)}
     assert valid == expected
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"\x82\x03abc",  # client frame without the mask bit
+        b"\x83\x80\x00\x00\x00\x00",  # reserved opcode 3
+        b"\x88\x81\x00\x00\x00\x00x",  # close frame with a 1-byte payload
+        b"\x82\x85\x00\x00\x00\x00" + b"hello",  # over max_message_size (4)
+    ],
+)
+def test_after_a_violation_the_stream_can_be_walked_to_the_peers_close(bad: bytes) -> None:
+    # The gateway closes a misbehaving peer and then waits for its answering close: the
+    # scanner must find that close after the offending frame.
+    close = encode_close(1000, "", mask=True)
+    scanner = FrameScanner(masked=True, max_message_size=4)
+    pieces = scanner.feed(memoryview(bad + close))
+    assert isinstance(pieces[-1], Violation)
+    assert scanner.failed
+    tail = scanner.resume_after_violation()
+    assert tail is not None
+    found = [p for p in scanner.feed(memoryview(tail)) if isinstance(p, ControlFrame)]
+    assert [(f.opcode, f.raw) for f in found] == [(OP_CLOSE, close)]
+
+
+def test_a_64_bit_length_with_the_top_bit_set_cannot_be_resumed() -> None:
+    scanner = FrameScanner(masked=True, max_message_size=4)
+    pieces = scanner.feed(memoryview(b"\x82\xff" + b"\x80" + b"\x00" * 7 + b"\x00" * 4))
+    assert isinstance(pieces[-1], Violation)
+    assert scanner.resume_after_violation() is None
