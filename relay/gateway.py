@@ -36,7 +36,7 @@ from .metrics import Metrics
 from .runtime import Callback, Events, Runtime
 from .store import MemoryStore
 from .tokens import KeyRing, keyring_from_env
-from .wire import Conn, SocketConn, StreamConn
+from .wire import Conn, SocketConn, StreamConn, configure_socket, peer_address
 
 log = logging.getLogger(__name__)
 
@@ -229,11 +229,12 @@ class Gateway:
     def _wrap(self, sock: socket.socket) -> Conn:
         if self.rt.client_ssl is None:
             return SocketConn(sock)
-        conn = SocketConn(sock)  # configures the socket (non-blocking, no Nagle)
+        configure_socket(sock)
+        peer = peer_address(sock)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         tls = trio.SSLStream(stream, self.rt.client_ssl, server_side=True,
                              https_compatible=True)
-        return StreamConn(tls, peer=conn.peer())
+        return StreamConn(tls, peer=peer)
 
     async def _handle_conn(self, conn: Conn) -> None:
         cc = ClientConnection(self.rt, conn)

@@ -83,7 +83,12 @@ def configure_socket(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _format_addr(addr: object) -> str:
+def peer_address(sock: socket.socket) -> str:
+    """The peer's address as text (for X-Forwarded-For and logs)."""
+    try:
+        addr = sock.getpeername()
+    except OSError:
+        return "unknown"
     if isinstance(addr, tuple) and len(addr) >= 2:
         return str(addr[0])
     return str(addr)
@@ -100,10 +105,7 @@ class SocketConn:
         self._fd = sock.fileno()  # trio's wait_* take an int without a fileno() call
         self._blocked = False
         self._closed = False
-        try:
-            self._peer = _format_addr(sock.getpeername())
-        except OSError:
-            self._peer = "unknown"
+        self._peer = peer_address(sock)
 
     def peer(self) -> str:
         return self._peer
