@@ -64,29 +64,3 @@ class BotDialError(RelayError):
         self.detail = detail
         super().__init__(f"{status}: {detail}")
 
-
-def startup_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one startup error inside a nursery's exception group, else the group itself.
-
-    A bind or config problem found while the planes start belongs to the caller as itself
-    (the CLI turns it into exit status 2), not wrapped by the nursery it was found in.
-    """
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        exc = stack.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            stack.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    startup = [e for e in leaves if isinstance(e, BindError | ConfigError)]
-    others = [e for e in leaves if not isinstance(e, BindError | ConfigError | _cancelled())]
-    if startup and not others:
-        return startup[0]
-    return group
-
-
-def _cancelled() -> type[BaseException]:
-    import trio  # only needed when unwrapping, which only trio code does
-
-    return trio.Cancelled

@@ -30,7 +30,7 @@ from .config import Bind, Config
 from .connection import ClientConnection
 from .control import ControlState, make_control_app
 from .control_server import serve_control
-from .errors import BindError, ConfigError, startup_error
+from .errors import BindError, ConfigError
 from .inprocess import BotFunction, load_bot
 from .metrics import Metrics
 from .runtime import Callback, Events, Runtime
@@ -87,6 +87,28 @@ def _server_ssl(config: Config) -> ssl.SSLContext | None:
                           file=config.source) from exc
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
+
+
+def startup_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one startup error inside a nursery's exception group, else the group itself.
+
+    A bind or config problem found while the planes start belongs to the caller as itself
+    (the CLI turns it into exit status 2), not wrapped by the nursery it was found in.
+    """
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    startup = [e for e in leaves if isinstance(e, BindError | ConfigError)]
+    others = [e for e in leaves
+              if not isinstance(e, BindError | ConfigError | trio.Cancelled)]
+    if startup and not others:
+        return startup[0]
+    return group
 
 
 class Gateway:

@@ -14,8 +14,7 @@ import signal
 import trio
 
 from .config import Config
-from .errors import startup_error
-from .gateway import Gateway
+from .gateway import Gateway, startup_error
 
 log = logging.getLogger(__name__)
 
