@@ -116,6 +116,21 @@ def read_cpu_ticks(pids: list[int]) -> int:
     return total
 
 
+def read_rss_kib(pids: list[int]) -> int:
+    """Resident memory (VmRSS) of the processes, summed, in KiB."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except (OSError, ValueError):
+            pass
+    return total
+
+
 def read_core_times() -> dict[str, tuple[int, int]]:
     """Per CPU line of /proc/stat: (busy ticks, total ticks); busy excludes idle + iowait."""
     out = {}
@@ -361,6 +376,7 @@ def main() -> int:
     max_lag_ns = 0
     cpu0: dict[str, int] = {}
     cpu1: dict[str, int] = {}
+    rss1: dict[str, int] = {}
     pid_sets: dict[str, list[int]] = {}
     ru0 = ru1 = None
     t_ws = t_we = 0
@@ -568,6 +584,7 @@ def main() -> int:
         win_t1 = mono()
         if in_window:
             cpu1 = {n: read_cpu_ticks(p) for n, p in pid_sets.items()}
+            rss1 = {n: read_rss_kib(p) for n, p in pid_sets.items()}
             ru1 = resource.getrusage(resource.RUSAGE_SELF)
             core1 = read_core_times()
             polls_win = list(polls)
@@ -615,6 +632,7 @@ def main() -> int:
             "cpu_s": round(secs, 3),
             "cpu_pct": round(100 * secs / window_s, 1) if window_s else None,
             "us_per_msg": round(secs * 1e6 / msgs_both, 2) if msgs_both else None,
+            "rss_kib": rss1.get(name),  # resident memory at the end of the window
         }
     self_cpu = None
     self_detail = {}

@@ -94,6 +94,15 @@ def main() -> int:
         return 1
     by = {(r["target"], r["sessions"]): r for r in rows}
 
+    def rss(r: dict[str, Any]) -> float | None:
+        kib = target_cpu(r).get("rss_kib")
+        return kib / 1024 if kib else None
+
+    def mem_ratio(r: dict[str, Any], other: str) -> str:
+        o = by.get((other, r["sessions"]))
+        a, b = rss(r), (rss(o) if o else None)
+        return f"{a / b:.1f}" if a and b else "-"
+
     def ratio(r: dict[str, Any], other: str) -> str:
         o = by.get((other, r["sessions"]))
         a = target_cpu(r).get("us_per_msg")
@@ -113,6 +122,8 @@ def main() -> int:
         ("x direct", 8),
         ("p50 ms", 7),
         ("p99 ms", 7),
+        ("RSS MiB", 7),
+        ("mem x nginx", 11),
         ("lost", 6),
         ("keeps up", 8),
         ("core1%", 6),
@@ -136,6 +147,8 @@ def main() -> int:
             ratio(r, "direct"),
             fmt(r.get("rtt_p50_ms")),
             fmt(r.get("rtt_p99_ms")),
+            fmt(rss(r), ".1f"),
+            mem_ratio(r, "nginx"),
             str(r.get("lost", "-")),
             verdict(r),
             fmt(core_busy(r, "cpu1"), ".0f"),
@@ -148,6 +161,8 @@ def main() -> int:
     print("100%@: sessions at which the target would use one full core (linear estimate).")
     print("CPU us/msg: target process CPU (utime+stime) / messages relayed, both directions")
     print("counted (client->bot + bot->client); for 'direct' it is the echo bot itself.")
+    print("RSS MiB: the target's resident memory at the end of the window (nginx: master")
+    print("and worker); mem x nginx: that, over nginx's at the same session count.")
     print("keeps up: nothing lost/reordered/corrupt, every session opened, RTT p50 < 5 ms,")
     print("generator on schedule. 'no*' = core 1 (loadgen [+ echo bot]) was")
     print(f">= {HARNESS_BUSY:.0f}% busy while the target was not: the limit is the harness.")
