@@ -46,6 +46,19 @@ BOT_STALLED = Outcome("bot_stalled", GOING_AWAY, STALLED)
 BOT_CRASHED = Outcome("bot_error", BOT_ERROR, None)
 
 
+def session_outcome(cancel_reason: str | None, timed_out: bool,
+                    relay_outcome: Outcome | None) -> Outcome:
+    """How a session that ran ended: a reason from outside wins, then the timeout, then
+    what the relay itself recorded. Cancelled from outside with no reason is a shutdown."""
+    if cancel_reason == "replaced":
+        return REPLACED_BY_NEWER
+    if cancel_reason == "shutdown":
+        return SHUTDOWN
+    if timed_out and relay_outcome is None:
+        return TIMEOUT
+    return relay_outcome or SHUTDOWN
+
+
 def client_violation(code: int, text: str = "") -> Outcome:
     """The client broke the protocol or a limit (1002, 1007, 1009): it gets the code."""
     reason = "client_too_big" if code == 1009 else "client_protocol_error"

@@ -54,6 +54,7 @@ from .handshake import (
 )
 from .inprocess import InprocessLeg
 from .passthrough import Passthrough
+from .registry import CancellableMember
 from .runtime import Runtime, SessionInfo
 from .upstream import dial_bot, new_key
 from .wire import Conn
@@ -74,27 +75,19 @@ class _Opened:
     agent: AgentConfig
 
 
-class ClientConnection:
+class ClientConnection(CancellableMember):
     """Supervises one client connection from its first byte to its last."""
 
     def __init__(self, rt: Runtime, conn: Conn) -> None:
+        super().__init__()
         self.rt = rt
         self.conn = conn
-        self.scope = trio.CancelScope()
-        self.done = trio.Event()
-        self.cancel_reason: str | None = None
         self.info: SessionInfo | None = None
         self._h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         self._responded = False
         self._agent: str | None = None
         self._leg: Leg | None = None
         self._flushed = (0, 0, 0, 0)
-
-    def cancel(self, reason: str) -> None:
-        """End this connection from outside ("replaced", "shutdown")."""
-        if self.cancel_reason is None:
-            self.cancel_reason = reason
-        self.scope.cancel()
 
     async def serve(self) -> None:
         try:
@@ -140,15 +133,7 @@ class ClientConnection:
 
     async def _finish(self, opened: _Opened, timed_out: bool) -> None:
         """Close both legs as the outcome says, then count and tell."""
-        if self.cancel_reason == "replaced":
-            outcome = closing.REPLACED_BY_NEWER
-        elif self.cancel_reason == "shutdown":
-            outcome = closing.SHUTDOWN
-        elif timed_out and opened.leg.outcome is None:
-            outcome = closing.TIMEOUT
-        else:
-            # No reason of its own: cancelled from outside, which is a shutdown.
-            outcome = opened.leg.outcome or closing.SHUTDOWN
+        outcome = closing.session_outcome(self.cancel_reason, timed_out, opened.leg.outcome)
         opened.info.end_reason = outcome.reason
         if outcome is closing.TIMEOUT:
             await self.rt.events.fire("on_session_timeout", opened.info)

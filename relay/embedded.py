@@ -67,6 +67,7 @@ from .handshake import (
     route,
 )
 from .inprocess import BotFunction, BotHost, ClientDisconnected
+from .registry import CancellableMember
 from .runtime import Runtime, SessionInfo
 
 log = logging.getLogger(__name__)
@@ -86,26 +87,18 @@ async def handle_request(rt: Runtime, request: WebSocketRequest) -> None:
     await member.serve()
 
 
-class EmbeddedConnection:
+class EmbeddedConnection(CancellableMember):
     """One client of the embedding path; a registry member like `ClientConnection`."""
 
     def __init__(self, rt: Runtime, request: WebSocketRequest) -> None:
+        super().__init__()
         self.rt = rt
         self.request = request
-        self.scope = trio.CancelScope()
-        self.done = trio.Event()
-        self.cancel_reason: str | None = None
         self.info: SessionInfo | None = None
         self._agent: str | None = None
         self._responded = False
         remote = request.remote
         self.peer = str(remote.address) if isinstance(remote, Endpoint) else str(remote)
-
-    def cancel(self, reason: str) -> None:
-        """End this connection from outside ("replaced", "shutdown")."""
-        if self.cancel_reason is None:
-            self.cancel_reason = reason
-        self.scope.cancel()
 
     async def serve(self) -> None:
         self.rt.open_connections += 1
@@ -282,14 +275,7 @@ class EmbeddedConnection:
         return tscope.cancelled_caught
 
     async def _finish(self, leg: _Leg, timed_out: bool) -> None:
-        if self.cancel_reason == "replaced":
-            outcome = closing.REPLACED_BY_NEWER
-        elif self.cancel_reason == "shutdown":
-            outcome = closing.SHUTDOWN
-        elif timed_out and leg.outcome is None:
-            outcome = closing.TIMEOUT
-        else:
-            outcome = leg.outcome or closing.SHUTDOWN
+        outcome = closing.session_outcome(self.cancel_reason, timed_out, leg.outcome)
         leg.info.end_reason = outcome.reason
         if outcome is closing.TIMEOUT:
             with trio.CancelScope(shield=True):

@@ -29,6 +29,24 @@ class Member(Protocol):
     def cancel(self, reason: str) -> None: ...
 
 
+class CancellableMember:
+    """A live connection the registry (and shutdown) can end: its scope and done-event.
+
+    `cancel(reason)` records why ("replaced", "shutdown"; the first reason wins) and
+    cancels the connection's scope; `done` is set once its teardown has finished.
+    """
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.cancel_reason: str | None = None
+
+    def cancel(self, reason: str) -> None:
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self.scope.cancel()
+
+
 class Registry:
     def __init__(self) -> None:
         self._live: dict[str, list[Member]] = defaultdict(list)
