@@ -45,12 +45,10 @@ from .handshake import (
     accept_headers,
     bot_request_headers,
     bot_request_target,
-    check_origin,
-    check_route,
-    check_upgrade,
+    decide,
     parse_bot_url,
     reason_phrase,
-    route,
+    refuse_early,
 )
 from .inprocess import InprocessLeg
 from .passthrough import Passthrough
@@ -252,12 +250,10 @@ class ClientConnection(CancellableMember):
     async def _open(self) -> _Opened | None:
         rt = self.rt
         server = rt.config.server
-        if rt.shutting_down:
-            await self._refuse(Reject(503, "shutting_down", "The gateway is shutting down."))
-            return None
-        if rt.open_connections > server.max_connections:
-            await self._refuse(Reject(503, "too_many_connections",
-                                      "The gateway is at its connection limit."))
+        refusal = refuse_early(shutting_down=rt.shutting_down,
+                               over_capacity=rt.open_connections > server.max_connections)
+        if refusal is not None:  # answered before reading anything
+            await self._refuse(refusal)
             return None
         got = await self._read_request()
         if got is None:
@@ -266,22 +262,14 @@ class ClientConnection(CancellableMember):
             await self._refuse(got)
             return None
         request, early = got
-        r = route(request.target)
-        if isinstance(r, Reject):
-            await self._refuse(r)
+        # 1. routing, upgrade headers, Origin
+        decision = decide(request.method, request.http_version, request.target,
+                          list(request.headers), organization=server.organization,
+                          agents=rt.config.agents, cors_origins=server.cors_origins)
+        if isinstance(decision, Reject):
+            await self._refuse(decision)
             return None
-        bad = check_route(r, organization=server.organization, agents=rt.config.agents)
-        if bad is not None:
-            await self._refuse(bad)
-            return None
-        upgrade = check_upgrade(request.method, request.http_version, list(request.headers))
-        if isinstance(upgrade, Reject):
-            await self._refuse(upgrade)
-            return None
-        bad = check_origin(upgrade, server.cors_origins)
-        if bad is not None:
-            await self._refuse(bad)
-            return None
+        r, upgrade = decision.route, decision.upgrade
         agent = rt.config.agents[r.agent]
         # 2. token (verify only: a valid token is burned only once every check has passed)
         grant = await authenticate(rt, agent, r, list(request.headers))

@@ -60,11 +60,8 @@ from .handshake import (
     Upgrade,
     bot_request_headers,
     bot_request_target,
-    check_origin,
-    check_route,
-    check_upgrade,
+    decide,
     parse_bot_url,
-    route,
 )
 from .inprocess import BotFunction, BotHost, ClientDisconnected
 from .registry import CancellableMember
@@ -144,30 +141,16 @@ class EmbeddedConnection(CancellableMember):
         """SPEC §5 steps 1-3 and the token's use; None once the client has been answered."""
         rt = self.rt
         server = rt.config.server
-        if rt.shutting_down:
-            await self._reject(Reject(503, "shutting_down", "The gateway is shutting down."))
-            return None
-        if rt.open_connections > server.max_connections:
-            await self._reject(Reject(503, "too_many_connections",
-                                      "The gateway is at its connection limit."))
-            return None
-        r = route(self.request.path.encode("utf-8", "surrogateescape"))
-        if isinstance(r, Reject):
-            await self._reject(r)
-            return None
-        bad = check_route(r, organization=server.organization, agents=rt.config.agents)
-        if bad is not None:
-            await self._reject(bad)
-            return None
         headers = list(self.request.headers)
-        upgrade = check_upgrade(b"GET", b"1.1", headers)
-        if isinstance(upgrade, Reject):
-            await self._reject(upgrade)
+        decision = decide(
+            b"GET", b"1.1", self.request.path.encode("utf-8", "surrogateescape"), headers,
+            organization=server.organization, agents=rt.config.agents,
+            cors_origins=server.cors_origins, shutting_down=rt.shutting_down,
+            over_capacity=rt.open_connections > server.max_connections)
+        if isinstance(decision, Reject):
+            await self._reject(decision)
             return None
-        bad = check_origin(upgrade, rt.config.server.cors_origins)
-        if bad is not None:
-            await self._reject(bad)
-            return None
+        r, upgrade = decision.route, decision.upgrade
         # wsproto keeps the offered subprotocols out of the headers; extensions stay per leg.
         upgrade = attrs.evolve(upgrade, extensions=(), subprotocols=tuple(
             p.encode() for p in self.request.proposed_subprotocols))

@@ -252,6 +252,57 @@ def check_origin(upgrade: Upgrade, allowed: tuple[str, ...]) -> Reject | None:
                   f"Origin {origin} is not in [server] cors_origins.")
 
 
+@attrs.frozen
+class Admit:
+    """An upgrade that passed every check before the token: where it goes and what it asks."""
+
+    route: Route
+    upgrade: Upgrade
+
+
+def refuse_early(*, shutting_down: bool, over_capacity: bool) -> Reject | None:
+    """Refusals that need no request at all: shutting down, or at the connection limit."""
+    if shutting_down:
+        return Reject(503, "shutting_down", "The gateway is shutting down.")
+    if over_capacity:
+        return Reject(503, "too_many_connections", "The gateway is at its connection limit.")
+    return None
+
+
+def decide(
+    method: bytes,
+    http_version: bytes,
+    target: bytes,
+    headers: Headers,
+    *,
+    organization: str,
+    agents: Mapping[str, object],
+    cors_origins: tuple[str, ...],
+    shutting_down: bool = False,
+    over_capacity: bool = False,
+) -> Admit | Reject:
+    """The handshake decision before the token check, in SPEC §5's order.
+
+    Both data-plane paths (our listener and `Gateway.handle`) ask this one function.
+    """
+    early = refuse_early(shutting_down=shutting_down, over_capacity=over_capacity)
+    if early is not None:
+        return early
+    r = route(target)
+    if isinstance(r, Reject):
+        return r
+    bad = check_route(r, organization=organization, agents=agents)
+    if bad is not None:
+        return bad
+    upgrade = check_upgrade(method, http_version, headers)
+    if isinstance(upgrade, Reject):
+        return upgrade
+    bad = check_origin(upgrade, cors_origins)
+    if bad is not None:
+        return bad
+    return Admit(r, upgrade)
+
+
 def accept_headers(
     key: bytes, subprotocol: bytes | None, extensions: Iterable[bytes]
 ) -> Headers:

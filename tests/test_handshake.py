@@ -607,3 +607,30 @@ def test_check_origin(origin: bytes | None, allowed: tuple[str, ...], refused: b
         assert result.code == "origin_not_allowed"
     else:
         assert result is None
+
+
+def _decide(target: bytes, headers: list[tuple[bytes, bytes]], **kw: object) -> object:
+    from relay.handshake import decide
+
+    args: dict[str, object] = {"organization": "local", "agents": {"a": object()},
+                               "cors_origins": ("https://app.example",)}
+    args.update(kw)
+    return decide(b"GET", b"1.1", target, headers, **args)  # type: ignore[arg-type]
+
+
+def test_decide_checks_in_spec_order() -> None:
+    from relay.handshake import Admit
+
+    good = upgrade_headers()
+    # shutting down and capacity come before anything about the request
+    assert _decide(b"/nowhere", [], shutting_down=True).code == "shutting_down"  # type: ignore[attr-defined]
+    assert _decide(b"/nowhere", [], over_capacity=True).code == "too_many_connections"  # type: ignore[attr-defined]
+    # an unknown service host is 404 even when the upgrade headers are bad too
+    assert _decide(b"/ws/generic/zz.local", []).status == 404  # type: ignore[attr-defined]
+    # then the upgrade headers, then the Origin
+    assert _decide(b"/ws/generic/a.local", []).status == 426  # type: ignore[attr-defined]
+    bad_origin = [*good, (b"origin", b"https://evil.example")]
+    assert _decide(b"/ws/generic/a.local", bad_origin).code == "origin_not_allowed"  # type: ignore[attr-defined]
+    admitted = _decide(b"/ws/generic/a.local?x=1&token=t", good)
+    assert isinstance(admitted, Admit)
+    assert admitted.route.agent == "a" and admitted.route.bot_query == "x=1"
