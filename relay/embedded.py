@@ -66,6 +66,7 @@ from .handshake import (
 from .inprocess import BotFunction, BotHost, ClientDisconnected
 from .registry import CancellableMember
 from .runtime import Runtime, SessionInfo
+from .upstream import open_tcp_to_bot
 
 log = logging.getLogger(__name__)
 
@@ -313,11 +314,7 @@ async def dial(nursery: trio.Nursery, rt: Runtime, agent: AgentConfig, r: Route,
     stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] | None = None
     try:
         with trio.fail_after(timeout):
-            try:
-                stream = await trio.open_tcp_stream(target.host, target.port)
-            except OSError as exc:
-                raise BotDialError(502, f"cannot connect to the bot at {target.host}:"
-                                        f"{target.port}: {exc.strerror or exc}") from exc
+            stream = await open_tcp_to_bot(target)
             if target.secure:
                 stream = trio.SSLStream(stream, rt.bot_ssl or ssl.create_default_context(),
                                         server_hostname=target.host, https_compatible=True)
@@ -573,13 +570,8 @@ class InprocessAdapter(BotHost, _Leg):
     async def send_close(self, code: int, reason: str) -> None:
         await close_ws(self.ws, (code, reason), self.limits.close_timeout)
 
-    async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._reader)
-            nursery.start_soon(self._run_bot)
-            if self.limits.ping_interval and math.isfinite(self.limits.ping_interval):
-                nursery.start_soon(keepalive, self.ws, self.limits, self._vanished)
+    async def _keepalive(self) -> None:
+        await keepalive(self.ws, self.limits, self._vanished)
 
     def _vanished(self) -> None:
         self._client_left = True

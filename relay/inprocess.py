@@ -134,6 +134,23 @@ class BotHost:
     async def send_close(self, code: int, reason: str) -> None:
         raise NotImplementedError
 
+    async def _reader(self) -> None:
+        """Client messages into `inbox_send`; `_client_gone()` when the client leaves."""
+        raise NotImplementedError
+
+    async def _keepalive(self) -> None:
+        """Ping the client every ping_interval; end the session when it stops answering."""
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        """The session nursery: the client's reader, the bot, and the keepalive."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._reader)
+            nursery.start_soon(self._run_bot)
+            if self.limits.ping_interval and math.isfinite(self.limits.ping_interval):
+                nursery.start_soon(self._keepalive)
+
     async def _run_bot(self) -> None:
         try:
             await self.bot(self.session)
@@ -205,14 +222,6 @@ class InprocessLeg(BotHost):
                 self._client_left = True
 
     # -- the session nursery -------------------------------------------------------------
-
-    async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._reader)
-            nursery.start_soon(self._run_bot)
-            if self.limits.ping_interval and math.isfinite(self.limits.ping_interval):
-                nursery.start_soon(self._keepalive)
 
     async def _reader(self) -> None:
         buf = bytearray(READ_CHUNK)

@@ -27,12 +27,17 @@ def new_key() -> bytes:
     return base64.b64encode(os.urandom(16))
 
 
-async def _connect(target: BotTarget, ssl_context: ssl.SSLContext | None) -> Conn:
+async def open_tcp_to_bot(target: BotTarget) -> trio.SocketStream:
+    """TCP to the bot; an unreachable or refusing bot is BotDialError 502."""
     try:
-        stream = await trio.open_tcp_stream(target.host, target.port)
+        return await trio.open_tcp_stream(target.host, target.port)
     except OSError as exc:
         raise BotDialError(502, f"cannot connect to the bot at {target.host}:{target.port}: "
                                 f"{exc.strerror or exc}") from exc
+
+
+async def _connect(target: BotTarget, ssl_context: ssl.SSLContext | None) -> Conn:
+    stream = await open_tcp_to_bot(target)
     if target.secure:
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ctx = ssl_context or ssl.create_default_context()
