@@ -5,9 +5,11 @@ replacement and shutdown cancel it with a reason, and the teardown that follows 
 shielded and bounded. The order of checks before the upgrade is SPEC §5's:
 
 1. routing (404) and the upgrade headers (400/405/426);
-2. token auth (403), before anything is allocated;
-3. admission (replace the oldest client, or accept-and-close 1013 when full and rejecting);
-4. the token is consumed, then the bot is dialled (502/504);
+2. token auth (403), before anything is allocated; a valid token is reserved here, so
+   of several upgrades with one token only one goes on (the rest get 403 `replayed`);
+3. admission (replace the oldest client, or accept-and-close 1013 when full and rejecting,
+   which releases the reservation: nobody was replaced, the token stays usable);
+4. the token is consumed, then the bot is dialled (502/504; the token stays used);
 5. only then is the client's 101 sent, carrying the bot's subprotocol and extensions, so
    no early client frame can be lost.
 
@@ -25,7 +27,7 @@ import h11
 import trio
 
 from . import closing
-from .auth import Grant, authenticate, consume
+from .auth import Grant, authenticate, consume, release
 from .config import AgentConfig
 from .errors import BotDialError
 from .frames import (
@@ -271,13 +273,14 @@ class ClientConnection(CancellableMember):
             return None
         r, upgrade = decision.route, decision.upgrade
         agent = rt.config.agents[r.agent]
-        # 2. token (verify only: a valid token is burned only once every check has passed)
+        # 2. token (verified and reserved: burned only once every check has passed)
         grant = await authenticate(rt, agent, r, list(request.headers))
         if isinstance(grant, Reject):
             await self._refuse(grant)
             return None
         # 3. admission
         if not await rt.registry.admit(self, agent):
+            await release(rt, grant)
             await self._accept_and_close(upgrade.key, closing.TRY_AGAIN_LATER)
             return None
         self._agent = agent.name

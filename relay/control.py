@@ -17,6 +17,8 @@ starts a bot: /start only mints a token and holds the body in the store (SPEC §
     413 body_too_large            pipecat-cloud agent, body over 4 KiB as compact JSON
     429 agent_full                agent at max_clients and when_full = "reject"
     503 store_unavailable         token agent while the store is down (SPEC §8)
+    503 store_full                a bound of the store is reached (pending sessions, body
+                                  bytes, remembered tokens): nothing held is ever dropped
 
 An oversized body cannot be parsed, so the raw size check necessarily comes before the
 JSON checks; the 4 KiB pipecat-cloud limit applies to the parsed body and comes after.
@@ -46,7 +48,7 @@ import trio
 from relay.config import Config
 from relay.handshake import origin_matches
 from relay.metrics import Metrics
-from relay.store import Store, StoreUnavailable
+from relay.store import Store, StoreFull, StoreUnavailable
 from relay.tokens import TOKEN_LIFETIME, KeyRing, mint
 
 __all__ = [
@@ -355,11 +357,21 @@ class ControlApp:
             org=server.organization,
             session_id=session_id,
             now=now,
+            body=held is not None,
         )
         try:
             await state.store.put_session(session_id, held, now + TOKEN_LIFETIME, now=now)
         except StoreUnavailable:
             raise _store_down() from None
+        except StoreFull as full:
+            state.metrics.store_full(full.bound)
+            raise _Refuse(
+                503,
+                "store_full",
+                "Session store full.",
+                f"{str(full).capitalize()}; nothing held was dropped. Try again shortly.",
+                ((b"retry-after", b"5"),),
+            ) from None
         if shape:
             return 200, _json({"wsUrl": ws_url, "token": token})
         return 200, _json({"token": token, "wsUrl": ws_url, "sessionId": session_id})

@@ -18,10 +18,11 @@ fast path: it passes frames through as bytes. What differs here, by construction
   before ours.
 
 The contract is connection.py's, with the same pieces: `handshake.route`/`check_route`
-(404), `auth.authenticate` (403), `registry.admit` (replace, or accept-and-close 1013),
-`auth.consume`, then the bot: an upstream bot dialled with trio-websocket (502/504; its
-subprotocol is what the client's accept carries; the `relay.session` first frame precedes
-any client message), or an in-process bot run with `inprocess.Session` over an adapter leg.
+(404), `auth.authenticate` (403; reserves the token), `registry.admit` (replace, or
+accept-and-close 1013 after `auth.release`), `auth.consume`, then the bot: an upstream
+bot dialled with trio-websocket (502/504; its subprotocol is what the client's accept
+carries; the `relay.session` first frame precedes any client message), or an in-process
+bot run with `inprocess.Session` over an adapter leg.
 Close codes come from `closing.py` (SPEC §5's table); a peer's own close is passed on with
 its code and reason (an empty close stays empty).
 """
@@ -49,7 +50,7 @@ from wsproto.events import BytesMessage, Event, TextMessage
 from wsproto.frame_protocol import CloseReason as WireCloseReason
 
 from . import closing
-from .auth import Grant, authenticate, consume
+from .auth import Grant, authenticate, consume, release
 from .closing import CloseCode, Outcome
 from .config import AgentConfig, Limits
 from .connection import REFUSE_TIMEOUT
@@ -161,6 +162,7 @@ class EmbeddedConnection(CancellableMember):
             await self._reject(grant)
             return None
         if not await rt.registry.admit(self, agent):
+            await release(rt, grant)
             await self._accept_and_close(closing.TRY_AGAIN_LATER)
             return None
         self._agent = agent.name

@@ -155,7 +155,7 @@ class Gateway:
                           on_websocket_ready),
             metrics=metrics,
             keys=keys,
-            store=MemoryStore(on_evict=metrics.body_evicted),
+            store=MemoryStore(),
             bots=bots,
             wall_clock=wall_clock,
             client_ssl=_server_ssl(config),

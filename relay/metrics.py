@@ -15,7 +15,8 @@ Exposed names (all prefixed ``relay_``)::
     token_refusals_total{reason}           counter   relay.tokens reasons, plus "replayed"
     start_requests_total{status}           counter   /start answers by HTTP status
     bot_dial_seconds{agent}                histogram time to open the bot leg
-    bodies_evicted_total                   counter   held /start bodies dropped by the store bound
+    store_full_total{bound}                counter   refusals (503 store_full) at a store bound:
+                                                     sessions | body_bytes | markers
 """
 
 from __future__ import annotations
@@ -85,9 +86,10 @@ class Metrics:
             buckets=_DIAL_BUCKETS,
             registry=r,
         )
-        self._evicted = Counter(
-            "relay_bodies_evicted",
-            "Pending sessions dropped by the store's bounds",
+        self._store_full = Counter(
+            "relay_store_full",
+            "Requests refused with 503 store_full, by the store bound reached",
+            ["bound"],
             registry=r,
         )
         for direction in DIRECTIONS:  # present at 0 from the first scrape
@@ -120,8 +122,8 @@ class Metrics:
     def bot_dial(self, agent: str, seconds: float) -> None:
         self._dial.labels(agent).observe(seconds)
 
-    def body_evicted(self) -> None:
-        self._evicted.inc()
+    def store_full(self, bound: str) -> None:
+        self._store_full.labels(bound).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for ``GET /metrics``."""

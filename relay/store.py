@@ -1,25 +1,44 @@
 """[trio] The session store: held bodies and one-time use of tokens.
 
 /start puts a session (its id, the body if any, the token's expiry); the upgrade that
-passed every other check consumes it exactly once (SPEC §4). ``Store`` is the interface
+passed every other check uses it exactly once (SPEC §4, §8). ``Store`` is the interface
 the control and data planes code against; ``MemoryStore`` is the single-process
 implementation. A shared implementation (Redis, for several instances) implements the
-same protocol: ``consume`` must be atomic there too (one ``GETDEL``-like round trip, a
-consumed marker with the token's TTL), and its I/O failures become ``StoreUnavailable``,
-which the control plane answers with 503.
+same protocol; its I/O failures become ``StoreUnavailable`` (503 ``store_unavailable``).
 
-Consume results::
+Using a token is three operations, each of which a shared store makes atomic (one
+script or ``SET NX`` round trip each, with the token's TTL):
 
-    ok        first use: here is the held body (or None)
-    replayed  the session was already consumed and its token has not expired yet
-    unknown   nothing is known of the session and the caller gave no token expiry
+    reserve   at the token check, before admission can replace anyone: the one upgrade
+              that gets "ok" holds the session; every other upgrade with the same token
+              gets "replayed" at once, so one token can never close more than one
+              incumbent. A token minted with a body whose body is not held gets
+              "body_unavailable".
+    release   a refusal before anyone was replaced (a full agent that rejects): the
+              reservation goes, the pending session (and its body) stays, the token is
+              usable again.
+    consume   just before the dial: the reservation becomes a consumed marker and the
+              held body is handed over with it (exactly one bot ever gets it). A
+              failed dial after this still burns the token.
 
-Two structures, bounded separately: *pending* sessions (put by /start, with their bodies;
-a /start flood evicts the oldest first, counted in metrics) and *consumed* markers (one
-per used token, kept until the token expires). A token that verifies but whose pending
-entry is unknown (minted by `relay mint-token`, or its body evicted) is a first use
-without a body, as long as no consumed marker names it. Floods of /start cannot push a
-consumed marker out, so eviction never allows a second use.
+``consume`` of a session nobody reserved does reserve + consume in one step.
+
+Results (``ConsumeResult.status``)::
+
+    ok                first use (reserved, or consumed: here is the held body or None)
+    replayed          reserved or consumed already, and its token has not expired yet
+    body_unavailable  the token says it carries a body, and no body is held for it
+    unknown           nothing is known of the session and the caller gave no token
+                      expiry, or the token has expired
+
+Nothing is dropped to make room, ever. Three bounds, each answered by ``StoreFull``
+(/start answers 503 ``store_full``; an upgrade that would need a new marker, 503 too):
+*pending* sessions (``max_entries``), the bytes of held bodies (``max_body_bytes``), and
+*markers* (``max_markers``: pending sessions plus reserved and consumed tokens, each kept
+until its token expires). Because every pending session is counted among the markers,
+a token /start issued always finds room for its marker when it is used. A marker is
+forgotten only once its token has expired, so no flood can make a used token usable
+again.
 
 Time is passed in (``now``, unix seconds), so tests drive it with a fake clock.
 """
@@ -27,7 +46,6 @@ Time is passed in (``now``, unix seconds), so tests drive it with a fake clock.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Literal, Protocol
 
 import attrs
@@ -37,19 +55,24 @@ from relay.errors import RelayError
 
 __all__ = [
     "MAX_BODY_BYTES",
-    "MAX_CONSUMED",
     "MAX_ENTRIES",
+    "MAX_MARKERS",
     "ConsumeResult",
     "MemoryStore",
     "Store",
+    "StoreFull",
     "StoreUnavailable",
 ]
 
-# Both bounds stop a /start flood (anyone holding the public key, which browsers embed)
-# from exhausting memory; past them the oldest pending sessions are forgotten first.
+# The bounds stop a /start flood (anyone holding the public key, which browsers embed)
+# from exhausting memory; past them /start answers 503 store_full and nothing is dropped.
 MAX_ENTRIES = 100_000  # sessions: 5 min of tokens at ~330 /start per second; ~30 MB of entries
-MAX_CONSUMED = 1_000_000  # used tokens remembered until expiry: ~3,300 upgrades/s for 5 min
+MAX_MARKERS = 1_000_000  # pending + used tokens until expiry: ~3,300 upgrades/s for 5 min
 MAX_BODY_BYTES = 64 * 1024 * 1024  # bytes: 64 bodies at the 1 MiB /start limit, or many small
+
+Bound = Literal["sessions", "body_bytes", "markers"]
+_BOUND_TEXT = {"sessions": "pending sessions", "body_bytes": "bytes of held bodies",
+               "markers": "tokens remembered until they expire"}
 
 
 class StoreUnavailable(RelayError):
@@ -58,11 +81,26 @@ class StoreUnavailable(RelayError):
     status = 503
 
 
+class StoreFull(RelayError):
+    """A bound of the store is reached: 503 ``store_full``; nothing held was dropped."""
+
+    status = 503
+
+    def __init__(self, bound: Bound, limit: int) -> None:
+        self.bound: Bound = bound
+        self.limit = limit
+        super().__init__(f"the session store holds its maximum of {limit} "
+                         f"{_BOUND_TEXT[bound]}")
+
+
+Status = Literal["ok", "replayed", "body_unavailable", "unknown"]
+
+
 @attrs.frozen
 class ConsumeResult:
-    """The outcome of ``Store.consume`` (see the module docstring)."""
+    """The outcome of ``Store.reserve`` and ``Store.consume`` (see the module docstring)."""
 
-    status: Literal["ok", "replayed", "unknown"]
+    status: Status
     body: bytes | None = None
 
     @property
@@ -76,17 +114,35 @@ class Store(Protocol):
     async def put_session(
         self, session_id: str, body: bytes | None, expires_at: float, *, now: float | None = None
     ) -> None:
-        """Hold ``body`` (compact JSON, or None) for ``session_id`` until ``expires_at``."""
+        """Hold ``body`` (compact JSON, or None) for ``session_id`` until ``expires_at``.
+
+        Raises ``StoreFull`` (naming the bound) rather than drop anything held.
+        """
         ...
 
     async def is_consumed(self, session_id: str, now: float | None = None) -> bool:
-        """Whether a consumed marker names ``session_id`` (a replay, refused early)."""
+        """Whether a reserved or consumed marker names ``session_id`` (a peek)."""
+        ...
+
+    async def reserve(
+        self, session_id: str, now: float, *, expires_at: float, with_body: bool = False
+    ) -> ConsumeResult:
+        """Atomically hold ``session_id`` for one upgrade; "ok" carries no body yet.
+
+        ``with_body``: the token says /start held a body for it. Raises ``StoreFull``
+        when a token never put here (``relay mint-token``) finds the markers full.
+        """
+        ...
+
+    async def release(self, session_id: str, now: float) -> None:
+        """Undo a reservation (not a consumption): the token is usable again."""
         ...
 
     async def consume(
-        self, session_id: str, now: float, *, expires_at: float | None = None
+        self, session_id: str, now: float, *, expires_at: float | None = None,
+        with_body: bool = False,
     ) -> ConsumeResult:
-        """Atomically use ``session_id`` once; see ``ConsumeResult``."""
+        """Atomically use ``session_id`` once (reserved or not); "ok" carries the body."""
         ...
 
     async def purge(self, now: float) -> int:
@@ -112,11 +168,20 @@ class _Entry:
         return len(self.body) if self.body is not None else 0
 
 
+@attrs.define
+class _Marker:
+    """A used token until it expires: reserved by one upgrade, then consumed."""
+
+    expires_at: float
+    consumed: bool = False
+
+
 class MemoryStore:
-    """The ``Store`` of one process: a bounded, insertion-ordered dict.
+    """The ``Store`` of one process: bounded, insertion-ordered dicts.
 
     Every method checkpoints first and then runs without awaiting, so under trio each
-    call is atomic: two upgrades racing with one token get one "ok" and one "replayed".
+    call is atomic: upgrades racing with one token get one "ok" and the rest "replayed".
+    A reserved session stays pending (its body counted) until consumed or released.
     Expired entries are dropped lazily from the oldest end on every call (entries are
     inserted roughly in expiry order, so this is amortised O(1)) and fully by ``purge``.
     """
@@ -126,22 +191,26 @@ class MemoryStore:
         *,
         max_entries: int = MAX_ENTRIES,
         max_body_bytes: int = MAX_BODY_BYTES,
-        max_consumed: int = MAX_CONSUMED,
-        on_evict: Callable[[], None] | None = None,
+        max_markers: int = MAX_MARKERS,
     ) -> None:
-        if max_entries < 1 or max_body_bytes < 0:
+        if max_entries < 1 or max_body_bytes < 0 or max_markers < 1:
             raise ValueError("store bounds must be positive")
         self.max_entries = max_entries
         self.max_body_bytes = max_body_bytes
-        self._on_evict = on_evict
+        self.max_markers = max_markers
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._consumed: OrderedDict[str, float] = OrderedDict()  # session id → token expiry
-        self.max_consumed = max_consumed
+        self._markers: OrderedDict[str, _Marker] = OrderedDict()
         self._body_bytes = 0
 
     @property
     def entry_count(self) -> int:
+        """Pending sessions: put and not yet consumed (a reserved one is still pending)."""
         return len(self._entries)
+
+    @property
+    def consumed_count(self) -> int:
+        """Markers: reserved and consumed tokens whose expiry has not been reached."""
+        return len(self._markers)
 
     @property
     def body_bytes(self) -> int:
@@ -159,53 +228,70 @@ class MemoryStore:
             raise ValueError(f"body of {size} bytes exceeds the store's {self.max_body_bytes}")
         if now is not None:
             self._drop_expired_head(now)
+        previous = self._entries.get(session_id)
+        if previous is None and len(self._entries) >= self.max_entries:
+            raise StoreFull("sessions", self.max_entries)
+        freed = previous.size if previous is not None else 0
+        if self._body_bytes - freed + size > self.max_body_bytes:
+            raise StoreFull("body_bytes", self.max_body_bytes)
+        if previous is None and len(self._entries) + len(self._markers) >= self.max_markers:
+            raise StoreFull("markers", self.max_markers)
         self._remove(session_id)
-        while self._entries and (
-            len(self._entries) >= self.max_entries or self._body_bytes + size > self.max_body_bytes
-        ):
-            _, evicted = self._entries.popitem(last=False)
-            self._body_bytes -= evicted.size
-            if self._on_evict is not None:
-                self._on_evict()
         self._entries[session_id] = _Entry(body, expires_at)
         self._body_bytes += size
 
     async def is_consumed(self, session_id: str, now: float | None = None) -> bool:
         await trio.lowlevel.checkpoint()
-        expiry = self._consumed.get(session_id)
-        return expiry is not None and (now is None or now < expiry)
+        marker = self._markers.get(session_id)
+        return marker is not None and (now is None or now < marker.expires_at)
 
-    async def consume(
-        self, session_id: str, now: float, *, expires_at: float | None = None
+    async def reserve(
+        self, session_id: str, now: float, *, expires_at: float, with_body: bool = False
     ) -> ConsumeResult:
         await trio.lowlevel.checkpoint()
-        self._drop_expired_head(now)
-        if session_id in self._consumed and now < self._consumed[session_id]:
+        return self._reserve(session_id, now, expires_at, with_body)
+
+    async def release(self, session_id: str, now: float) -> None:
+        await trio.lowlevel.checkpoint()
+        marker = self._markers.get(session_id)
+        if marker is not None and not marker.consumed:
+            del self._markers[session_id]  # the pending session stays: usable again
+
+    async def consume(
+        self, session_id: str, now: float, *, expires_at: float | None = None,
+        with_body: bool = False,
+    ) -> ConsumeResult:
+        await trio.lowlevel.checkpoint()
+        self._drop_expired(session_id, now)
+        marker = self._markers.get(session_id)
+        if marker is None:
+            if expires_at is None:
+                entry = self._entries.get(session_id)
+                if entry is None:
+                    return ConsumeResult("unknown")
+                expires_at = entry.expires_at
+            reserved = self._reserve(session_id, now, expires_at, with_body)
+            if not reserved.ok:
+                return reserved
+            marker = self._markers[session_id]
+        elif marker.consumed:
             return ConsumeResult("replayed")
+        # The marker stays until the token expires, so a replay is named as one.
+        marker.consumed = True
         entry = self._entries.pop(session_id, None)
-        body = None
-        if entry is not None:
-            self._body_bytes -= entry.size
-            if now < entry.expires_at:
-                body = entry.body
-                expires_at = entry.expires_at if expires_at is None else expires_at
-        if expires_at is None or now >= expires_at:
-            return ConsumeResult("unknown")
-        # The marker lives until the token expires, so a replay is named as one.
-        self._consumed[session_id] = expires_at
-        self._consumed.move_to_end(session_id)
-        while len(self._consumed) > self.max_consumed:
-            self._consumed.popitem(last=False)
-        return ConsumeResult("ok", body)
+        if entry is None:
+            return ConsumeResult("ok")
+        self._body_bytes -= entry.size
+        return ConsumeResult("ok", entry.body)
 
     async def purge(self, now: float) -> int:
         await trio.lowlevel.checkpoint()
         expired = [sid for sid, entry in self._entries.items() if now >= entry.expires_at]
         for session_id in expired:
             self._remove(session_id)
-        used = [sid for sid, expiry in self._consumed.items() if now >= expiry]
+        used = [sid for sid, marker in self._markers.items() if now >= marker.expires_at]
         for session_id in used:
-            del self._consumed[session_id]
+            del self._markers[session_id]
         return len(expired) + len(used)
 
     async def healthy(self) -> bool:
@@ -215,13 +301,44 @@ class MemoryStore:
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
         self._entries.clear()
-        self._consumed.clear()
+        self._markers.clear()
         self._body_bytes = 0
+
+    # -- no checkpoints below: each public method runs as one atomic step ------------------
+
+    def _reserve(self, session_id: str, now: float, expires_at: float,
+                 with_body: bool) -> ConsumeResult:
+        self._drop_expired(session_id, now)
+        if session_id in self._markers:
+            return ConsumeResult("replayed")
+        entry = self._entries.get(session_id)
+        if entry is not None:
+            expires_at = entry.expires_at
+        elif now >= expires_at:
+            return ConsumeResult("unknown")
+        if with_body and (entry is None or entry.body is None):
+            # Minted with a body that is not held: the bot must never start as if the
+            # client had sent none.
+            return ConsumeResult("body_unavailable")
+        if entry is None and len(self._entries) + len(self._markers) >= self.max_markers:
+            raise StoreFull("markers", self.max_markers)
+        self._markers[session_id] = _Marker(expires_at)
+        return ConsumeResult("ok")
 
     def _remove(self, session_id: str) -> None:
         entry = self._entries.pop(session_id, None)
         if entry is not None:
             self._body_bytes -= entry.size
+
+    def _drop_expired(self, session_id: str, now: float) -> None:
+        """Expired entries at the oldest end, and ``session_id``'s wherever they are."""
+        self._drop_expired_head(now)
+        entry = self._entries.get(session_id)
+        if entry is not None and now >= entry.expires_at:
+            self._remove(session_id)
+        marker = self._markers.get(session_id)
+        if marker is not None and now >= marker.expires_at:
+            del self._markers[session_id]
 
     def _drop_expired_head(self, now: float) -> None:
         while self._entries:
@@ -229,12 +346,8 @@ class MemoryStore:
             if now < entry.expires_at:
                 break
             self._remove(session_id)
-        while self._consumed:
-            session_id, expiry = next(iter(self._consumed.items()))
-            if now < expiry:
+        while self._markers:
+            session_id, marker = next(iter(self._markers.items()))
+            if now < marker.expires_at:
                 break
-            del self._consumed[session_id]
-
-    @property
-    def consumed_count(self) -> int:
-        return len(self._consumed)
+            del self._markers[session_id]

@@ -10,7 +10,8 @@ Token format (SPEC §4, §8)::
 
     <payload>.<signature>
     payload   = base64url(compact JSON {"a": agent, "o": org, "s": session id,
-                                        "e": expires_at, "k": key id}), no padding
+                                        "e": expires_at, "k": key id[, "b": 1]}),
+                no padding; "b" is there when /start held a body for the session
     signature = base64url(HMAC-SHA256(key[k], payload as ASCII)), no padding
 
 Both parts use only ``[A-Za-z0-9_-]`` and the separator is ``.``, so a token goes into a
@@ -31,7 +32,9 @@ the ``token_refusals`` metric):
                    (another instance) is ahead, or the key leaked to someone minting
                    long-lived tokens; either way it must not be honoured
 
-"replayed" is not decided here: only the store knows whether a session was used.
+"replayed" is not decided here: only the store knows whether a session was used. The
+body claim is what lets the store tell "this session's body is gone" (refused,
+``body_unavailable``) from "this session never had one".
 """
 
 from __future__ import annotations
@@ -175,6 +178,7 @@ class Claims:
     agent: str
     org: str
     expires_at: float
+    has_body: bool = False  # minted with a body held for the session
 
 
 @attrs.frozen
@@ -196,10 +200,17 @@ def _sign(secret: bytes, payload: str) -> str:
     return _b64encode(hmac.new(secret, payload.encode("ascii"), hashlib.sha256).digest())
 
 
-def mint(keys: KeyRing, *, agent: str, org: str, session_id: str, now: float) -> str:
-    """A token for ``session_id`` on ``agent``.``org``, valid until ``now + TOKEN_LIFETIME``."""
+def mint(keys: KeyRing, *, agent: str, org: str, session_id: str, now: float,
+         body: bool = False) -> str:
+    """A token for ``session_id`` on ``agent``.``org``, valid until ``now + TOKEN_LIFETIME``.
+
+    ``body``: a body is held for the session, so the upgrade needs it (claim ``"b"``).
+    """
     key_id, secret = keys.signing
-    claims = {"a": agent, "o": org, "s": session_id, "e": now + TOKEN_LIFETIME, "k": key_id}
+    claims: dict[str, object] = {"a": agent, "o": org, "s": session_id,
+                                 "e": now + TOKEN_LIFETIME, "k": key_id}
+    if body:
+        claims["b"] = 1
     payload = _b64encode(json.dumps(claims, separators=(",", ":")).encode("utf-8"))
     return f"{payload}.{_sign(secret, payload)}"
 
@@ -229,9 +240,11 @@ def verify(token: str, keys: KeyRing, *, agent: str, org: str, now: float) -> Cl
         return Refusal("bad_signature")
     # Signed by us, so the shape is ours; checked anyway so a bug cannot become a crash.
     session_id, token_agent, token_org = claims.get("s"), claims.get("a"), claims.get("o")
-    expires_at = claims.get("e")
+    expires_at, has_body = claims.get("e"), claims.get("b", 0)
     if not (
-        isinstance(session_id, str)
+        isinstance(has_body, int)
+        and has_body in (0, 1)
+        and isinstance(session_id, str)
         and isinstance(token_agent, str)
         and isinstance(token_org, str)
         and isinstance(expires_at, int | float)
@@ -248,7 +261,8 @@ def verify(token: str, keys: KeyRing, *, agent: str, org: str, now: float) -> Cl
     if expires_at - now > TOKEN_LIFETIME + CLOCK_SKEW:
         return Refusal("not_yet_valid")
     return Claims(
-        session_id=session_id, agent=token_agent, org=token_org, expires_at=float(expires_at)
+        session_id=session_id, agent=token_agent, org=token_org, expires_at=float(expires_at),
+        has_body=bool(has_body),
     )
 
 

@@ -408,6 +408,42 @@ async def test_start_503_from_a_cached_store_flag() -> None:
     assert (await call(h.app)).status == 200
 
 
+@pytest.mark.parametrize(
+    ("bounds", "bound"),
+    [({"max_entries": 2}, "sessions"), ({"max_markers": 2}, "markers"),
+     ({"max_body_bytes": 2 * len(b'{"n":1}')}, "body_bytes")],
+)
+async def test_start_503_store_full_at_each_bound_drops_nothing(
+    bounds: dict[str, int], bound: str
+) -> None:
+    h = Harness()
+    h.store = h.state.store = MemoryStore(**bounds)
+    held = [await call(h.app, chunks=[b'{"transport":"websocket","body":{"n":1}}'])
+            for _ in range(2)]
+    assert [r.status for r in held] == [200, 200]
+    r = await call(h.app, chunks=[b'{"transport":"websocket","body":{"n":1}}'])
+    assert_error(r, 503, "store_full")
+    assert r.headers["retry-after"] and r.headers["cache-control"] == "no-store"
+    assert "nothing held was dropped" in r.json()["detail"]
+    text = h.metrics.render()[0].decode()
+    assert f'relay_store_full_total{{bound="{bound}"}} 1.0' in text
+    assert 'relay_start_requests_total{status="503"} 1.0' in text
+    for answer in held:  # both bodies still there, for their tokens only
+        sid = answer.json()["sessionId"]
+        assert await h.store.consume(sid, T0, with_body=True) == ConsumeResult("ok", b'{"n":1}')
+    # auth-none agents hold nothing and are never refused for the store
+    assert (await call(h.app, path="/v1/public/open/start")).status == 200
+
+
+async def test_start_token_says_whether_a_body_is_held() -> None:
+    h = Harness()
+    with_body = (await call(h.app, chunks=[b'{"transport":"websocket","body":[]}'])).json()
+    without = (await call(h.app, chunks=[b'{"transport":"websocket","body":null}'])).json()
+    for answer, has_body in ((with_body, True), (without, False)):
+        claims = verify(answer["token"], h.keys, agent="tok", org="acme", now=T0)
+        assert isinstance(claims, Claims) and claims.has_body is has_body
+
+
 async def test_start_never_reads_body_for_refused_auth_and_is_counted() -> None:
     h = Harness()
     await call(h.app)

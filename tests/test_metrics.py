@@ -48,7 +48,7 @@ def test_relayed_counts_batches() -> None:
         m.relayed("sideways", 1, 1)
 
 
-def test_refusals_starts_dials_evictions() -> None:
+def test_refusals_starts_dials_store_full() -> None:
     m = Metrics()
     m.token_refused("expired")
     m.token_refused("expired")
@@ -57,7 +57,7 @@ def test_refusals_starts_dials_evictions() -> None:
     m.start_request(401)
     m.bot_dial("a", 0.02)
     m.bot_dial("a", 3.0)
-    m.body_evicted()
+    m.store_full("body_bytes")
     s = _samples(m)
     assert s[("relay_token_refusals_total", (("reason", "expired"),))] == 2
     assert s[("relay_token_refusals_total", (("reason", "replayed"),))] == 1
@@ -65,7 +65,7 @@ def test_refusals_starts_dials_evictions() -> None:
     assert s[("relay_bot_dial_seconds_count", (("agent", "a"),))] == 2
     assert s[("relay_bot_dial_seconds_bucket", (("agent", "a"), ("le", "0.025")))] == 1
     assert s[("relay_bot_dial_seconds_sum", (("agent", "a"),))] == pytest.approx(3.02)
-    assert s[("relay_bodies_evicted_total", ())] == 1
+    assert s[("relay_store_full_total", (("bound", "body_bytes"),))] == 1
 
 
 def test_two_gateways_do_not_share_or_touch_the_global_registry() -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
-from relay.store import ConsumeResult, MemoryStore, Store
+from relay.store import ConsumeResult, MemoryStore, Store, StoreFull
 
 T0 = 1_700_000_000.0
 LIFE = 300.0
@@ -84,47 +85,148 @@ async def test_expired_entries_are_dropped_lazily_from_the_oldest_end() -> None:
     assert "s4" not in store and store.entry_count == 1
 
 
-async def test_entry_bound_evicts_oldest_and_counts() -> None:
-    evicted: list[None] = []
-    store = MemoryStore(max_entries=3, on_evict=lambda: evicted.append(None))
-    for i in range(5):
-        await store.put_session(f"s{i}", None, T0 + LIFE)
-    assert store.entry_count == 3
-    assert [f"s{i}" in store for i in range(5)] == [False, False, True, True, True]
-    assert len(evicted) == 2
-    # An evicted session is unknown, never usable: eviction cannot enable a replay.
-    assert await store.consume("s0", T0) == ConsumeResult("unknown")
+async def test_entry_bound_refuses_new_sessions_and_keeps_every_held_one() -> None:
+    store = MemoryStore(max_entries=3)
+    for i in range(3):
+        await store.put_session(f"s{i}", b'{"i":%d}' % i, T0 + LIFE)
+    with pytest.raises(StoreFull) as full:
+        await store.put_session("s3", None, T0 + LIFE)
+    assert full.value.bound == "sessions" and full.value.status == 503
+    assert "3 pending sessions" in str(full.value)
+    assert store.entry_count == 3 and "s3" not in store
+    # nothing was dropped to make room: every held body still reaches its bot
+    for i in range(3):
+        assert await store.consume(f"s{i}", T0) == ConsumeResult("ok", b'{"i":%d}' % i)
+    await store.put_session("s3", None, T0 + LIFE)  # room again once used
+    assert "s3" in store
 
 
-async def test_byte_bound_evicts_oldest_first() -> None:
-    evicted: list[None] = []
-    store = MemoryStore(max_body_bytes=10, on_evict=lambda: evicted.append(None))
+async def test_byte_bound_refuses_the_body_that_does_not_fit_and_drops_nothing() -> None:
+    store = MemoryStore(max_body_bytes=10)
     await store.put_session("a", b"1234", T0 + LIFE)
     await store.put_session("b", b"1234", T0 + LIFE)
-    await store.put_session("c", b"123456", T0 + LIFE)  # 14 > 10: "a" must go
-    assert "a" not in store and "b" in store and "c" in store
-    assert store.body_bytes == 10 and len(evicted) == 1
+    with pytest.raises(StoreFull) as full:
+        await store.put_session("c", b"123", T0 + LIFE)  # 11 > 10
+    assert full.value.bound == "body_bytes"
+    assert "a" in store and "b" in store and "c" not in store and store.body_bytes == 8
+    await store.put_session("c", b"12", T0 + LIFE)  # exactly 10 fits
+    assert store.body_bytes == 10
+    await store.put_session("a", b"", T0 + LIFE)  # putting again frees the old body first
+    assert store.body_bytes == 6
+
+
+async def test_expired_sessions_make_room_for_new_ones() -> None:
+    store = MemoryStore(max_entries=1, max_body_bytes=4)
+    await store.put_session("old", b"1234", T0 + 10)
+    await store.put_session("new", b"1234", T0 + 20, now=T0 + 10)
+    assert "old" not in store and "new" in store and store.body_bytes == 4
 
 
 async def test_a_start_flood_cannot_push_out_a_consumed_marker() -> None:
-    evicted: list[None] = []
-    store = MemoryStore(max_entries=1, on_evict=lambda: evicted.append(None))
+    store = MemoryStore(max_markers=3)
     await store.put_session("a", None, T0 + LIFE)
-    await store.consume("a", T0)
+    assert (await store.consume("a", T0)).ok
+    await store.put_session("b", None, T0 + LIFE)
+    # 1 marker + 1 pending = 2 of 3: one more /start fits, then the flood is refused
+    await store.put_session("c", None, T0 + LIFE)
     for i in range(10):
-        await store.put_session(f"flood{i}", None, T0 + LIFE)
-    assert len(evicted) == 9  # pending sessions evicted, counted
+        with pytest.raises(StoreFull) as full:
+            await store.put_session(f"flood{i}", None, T0 + LIFE)
+        assert full.value.bound == "markers"
     assert await store.consume("a", T0, expires_at=T0 + LIFE) == ConsumeResult("replayed")
+    # every token /start issued still finds room for its marker when it is used
+    assert (await store.consume("b", T0)).ok and (await store.consume("c", T0)).ok
+    assert store.consumed_count == 3
+    # a token minted without /start needs a new marker: refused while full, never evicting
+    with pytest.raises(StoreFull):
+        await store.reserve("minted", T0, expires_at=T0 + LIFE)
+    # markers go only when their token expires
+    assert await store.is_consumed("a", T0 + LIFE - 0.001)
+    await store.put_session("d", None, T0 + 2 * LIFE, now=T0 + LIFE)
+    assert store.consumed_count == 0
 
 
 async def test_verified_token_without_pending_entry_is_a_first_use_without_body() -> None:
-    # Tokens from `relay mint-token` (or whose body was evicted) were never put here.
+    # Tokens from `relay mint-token` were never put here, and say they carry no body.
     store = MemoryStore()
     assert await store.consume("minted", T0, expires_at=T0 + LIFE) == ConsumeResult("ok")
     assert await store.consume("minted", T0, expires_at=T0 + LIFE) == ConsumeResult("replayed")
     assert await store.consume("no-expiry-given", T0) == ConsumeResult("unknown")
     assert await store.consume("expired", T0 + LIFE, expires_at=T0 + LIFE) == ConsumeResult(
         "unknown")
+
+
+async def test_token_minted_with_a_body_whose_body_is_gone_is_body_unavailable() -> None:
+    store = MemoryStore()
+    assert await store.reserve("gone", T0, expires_at=T0 + LIFE, with_body=True) == (
+        ConsumeResult("body_unavailable"))
+    assert await store.consume("gone", T0, expires_at=T0 + LIFE, with_body=True) == (
+        ConsumeResult("body_unavailable"))
+    await store.put_session("none", None, T0 + LIFE)  # held, but without a body
+    assert (await store.reserve("none", T0, expires_at=T0 + LIFE, with_body=True)).status == (
+        "body_unavailable")
+    # a refusal uses nothing up: no marker, the pending session is untouched
+    assert store.consumed_count == 0 and "none" in store
+
+
+async def test_reserve_holds_the_session_for_exactly_one_upgrade() -> None:
+    store = MemoryStore()
+    await store.put_session("s", b'{"k":1}', T0 + LIFE)
+    results: list[ConsumeResult] = []
+
+    async def reserve() -> None:
+        results.append(await store.reserve("s", T0, expires_at=T0 + LIFE, with_body=True))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(reserve)
+    assert sorted(r.status for r in results) == ["ok"] + ["replayed"] * 4
+    assert all(r.body is None for r in results)  # the body goes only with consume
+    assert await store.is_consumed("s", T0)
+    assert store.body_bytes == 7 and "s" in store  # still held while reserved
+    assert await store.consume("s", T0 + 1, expires_at=T0 + LIFE, with_body=True) == (
+        ConsumeResult("ok", b'{"k":1}'))
+    assert await store.consume("s", T0 + 2, expires_at=T0 + LIFE) == ConsumeResult("replayed")
+    assert await store.reserve("s", T0 + 2, expires_at=T0 + LIFE) == ConsumeResult("replayed")
+    assert store.body_bytes == 0 and store.entry_count == 0
+
+
+async def test_release_makes_the_token_usable_again_with_its_body() -> None:
+    store = MemoryStore()
+    await store.put_session("s", b"[1]", T0 + LIFE)
+    assert (await store.reserve("s", T0, expires_at=T0 + LIFE, with_body=True)).ok
+    await store.release("s", T0)
+    assert not await store.is_consumed("s", T0) and store.body_bytes == 3
+    assert (await store.reserve("s", T0, expires_at=T0 + LIFE, with_body=True)).ok
+    assert await store.consume("s", T0, with_body=True) == ConsumeResult("ok", b"[1]")
+    # releasing a consumed token (or one never reserved) changes nothing
+    await store.release("s", T0)
+    await store.release("never", T0)
+    assert await store.consume("s", T0, expires_at=T0 + LIFE) == ConsumeResult("replayed")
+    # a released mint-token token (no pending entry) is usable again too
+    assert (await store.reserve("m", T0, expires_at=T0 + LIFE)).ok
+    await store.release("m", T0)
+    assert await store.consume("m", T0, expires_at=T0 + LIFE) == ConsumeResult("ok")
+
+
+async def test_reservation_ends_with_its_token() -> None:
+    store = MemoryStore()
+    await store.put_session("s", b"1", T0 + LIFE)
+    assert (await store.reserve("s", T0, expires_at=T0 + LIFE)).ok
+    assert await store.consume("s", T0 + LIFE, expires_at=T0 + LIFE) == (
+        ConsumeResult("unknown"))
+    assert store.entry_count == 0 and store.body_bytes == 0 and store.consumed_count == 0
+
+
+async def test_an_expired_marker_out_of_order_is_not_a_replay() -> None:
+    store = MemoryStore()
+    assert (await store.reserve("long", T0, expires_at=T0 + LIFE)).ok
+    assert (await store.consume("short", T0, expires_at=T0 + 10)).ok
+    # "short" is behind "long" in insertion order, yet its marker ends at its own expiry
+    assert await store.consume("short", T0 + 10, expires_at=T0 + 10) == (
+        ConsumeResult("unknown"))
+    assert await store.reserve("long", T0 + 10, expires_at=T0 + LIFE) == (
+        ConsumeResult("replayed"))
 
 
 async def test_body_larger_than_the_whole_bound_is_refused() -> None:

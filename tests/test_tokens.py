@@ -129,6 +129,32 @@ def test_valid_token_round_trips() -> None:
     )
 
 
+def _signed(**claims: object) -> str:
+    """A token whose payload says exactly ``claims``, correctly signed by KEYS."""
+    payload = base64.urlsafe_b64encode(json.dumps(
+        {"a": "my-agent", "o": "my-org", "s": SID, "e": T0 + 300, "k": "k1", **claims},
+        separators=(",", ":")).encode()).rstrip(b"=").decode()
+    return f"{payload}.{relay.tokens._sign(b'first-secret', payload)}"
+
+
+def test_body_claim_says_a_body_is_held() -> None:
+    with_body = mint(KEYS, agent="my-agent", org="my-org", session_id=SID, now=T0, body=True)
+    assert re.fullmatch(r"[A-Za-z0-9._~-]+", with_body)
+    claims = _verify(with_body)
+    assert isinstance(claims, Claims) and claims.has_body
+    claims = _verify(_token())  # no claim at all: no body
+    assert isinstance(claims, Claims) and not claims.has_body
+    assert _verify(_signed(b=0)) == Claims(SID, "my-agent", "my-org", T0 + 300)
+    # the claim is signed: it cannot be dropped to pass a body-less session off
+    stripped = _reencode_payload(with_body, b=0)
+    assert _verify(stripped) == Refusal("bad_signature")
+
+
+@pytest.mark.parametrize("claim", [2, -1, "1", 1.0, None, [1]])
+def test_a_signed_body_claim_that_is_not_0_or_1_is_malformed(claim: object) -> None:
+    assert _verify(_signed(b=claim)) == Refusal("malformed")
+
+
 def test_long_names_stay_url_safe() -> None:
     token = mint(KEYS, agent="a" * 64, org="o_-" * 21, session_id=SID, now=T0)
     assert re.fullmatch(r"[A-Za-z0-9._~-]+", token)
