@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.store import ConsumeResult, MemoryStore, Store, StoreFull
 
@@ -290,3 +294,84 @@ async def test_is_consumed_peeks_without_using() -> None:
     assert await store.is_consumed("a", T0)
     assert not await store.is_consumed("a", T0 + LIFE)  # the marker ends with the token
     assert not await store.is_consumed("never-put")
+
+
+# ------------------------------------------------------------------ property: nothing lost
+
+_IDS = [f"s{i}" for i in range(4)]
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.sampled_from(_IDS),
+                  st.one_of(st.none(), st.binary(min_size=0, max_size=6))),
+        st.tuples(st.just("reserve"), st.sampled_from(_IDS), st.booleans()),
+        st.tuples(st.just("release"), st.sampled_from(_IDS), st.none()),
+        st.tuples(st.just("consume"), st.sampled_from(_IDS), st.booleans()),
+        st.tuples(st.just("wait"), st.just(""), st.integers(min_value=1, max_value=200)),
+        st.tuples(st.just("purge"), st.just(""), st.none()),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=400)
+@given(ops=_OPS, entries=st.integers(1, 4), body_bytes=st.integers(0, 12),
+       markers=st.integers(1, 5))
+def test_no_operation_sequence_loses_a_body_or_forgets_a_use_early(
+    ops: list[tuple[str, str, Any]], entries: int, body_bytes: int, markers: int
+) -> None:
+    """Whatever floods, races and bounds do: a held body reaches its one consumer intact,
+    a used token stays used until it expires, and every bound holds."""
+    store = MemoryStore(max_entries=entries, max_body_bytes=body_bytes, max_markers=markers)
+    held: dict[str, tuple[bytes | None, float]] = {}  # put and not yet consumed
+    used: dict[str, float] = {}  # consumed: id → token expiry
+    now = T0
+
+    async def run() -> None:
+        nonlocal now
+        for op, sid, arg in ops:
+            if op == "wait":
+                now += arg
+                continue
+            if op == "purge":
+                await store.purge(now)
+                continue
+            live_use = sid in used and now < used[sid]
+            if op == "put":
+                if sid in used or sid in held:
+                    continue  # session ids are fresh uuids: never put twice
+                try:
+                    await store.put_session(sid, arg, now + LIFE, now=now)
+                    held[sid] = (arg, now + LIFE)
+                except StoreFull:
+                    pass
+                except ValueError:
+                    assert len(arg) > body_bytes
+            elif op == "release":
+                await store.release(sid, now)
+            else:
+                entry = held.get(sid)
+                with_body = bool(arg) and entry is not None and entry[0] is not None
+                call = store.reserve if op == "reserve" else store.consume
+                try:
+                    result = await call(sid, now, expires_at=now + LIFE, with_body=with_body)
+                except StoreFull as full:
+                    assert full.bound == "markers" and (entry is None or now >= entry[1])
+                    continue
+                if live_use:
+                    assert result.status == "replayed"  # never a second use
+                elif entry is not None and now < entry[1] and result.ok and op == "consume":
+                    assert result.body == entry[0]  # exactly the body /start held
+                    del held[sid]
+                    used[sid] = entry[1]
+                elif result.ok and op == "consume":
+                    assert result.body is None and (entry is None or now >= entry[1])
+                    used[sid] = now + LIFE
+            assert store.entry_count <= entries
+            assert 0 <= store.body_bytes <= body_bytes
+            assert store.consumed_count <= markers
+            # nothing pending and unexpired ever vanished without being consumed
+            for pending, (_, expires) in held.items():
+                if now < expires:
+                    assert pending in store
+
+    trio.run(run)
