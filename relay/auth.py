@@ -7,8 +7,10 @@ the session in the store: of several upgrades with one token exactly one gets a 
 the others 403 `replayed` at once, before any of them can replace anyone. After
 admission `consume()` turns the reservation into a use and takes the held body, just
 before the bot is dialled; a refusal before anyone was replaced (a full agent that
-rejects) calls `release()`, and the token stays usable. A token minted with a body whose
-body is gone is refused (403 `body_unavailable`), never passed on as "no body".
+rejects) calls `release()`, and the token stays usable. An upgrade cancelled while it
+waits for admission (shutdown) keeps its reservation until the token expires: it may
+already have replaced someone. A token minted with a body whose body is gone is refused
+(403 `body_unavailable`), never passed on as "no body".
 Auth-none agents get a fresh session id and ignore any token.
 
 A `Grant` also knows how the held body reaches the bot: as the first text frame
