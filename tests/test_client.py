@@ -26,8 +26,8 @@ from relay.client import (
     ConnectError,
     ConnectionLost,
     Reconnect,
-    ReconnectFailed,
     Reconnected,
+    ReconnectFailed,
     SessionClosed,
     StartError,
 )
@@ -337,3 +337,156 @@ async def test_send_and_receive_after_close_raise_session_closed_with_our_code()
                 await session.close()  # idempotent
             await bot.closed.wait()
     assert closes == [4100]
+
+
+async def test_plain_trio_websocket_sees_1002_where_the_client_reports_1014() -> None:
+    """Why closewatch exists: wsproto refuses 1014 and trio-websocket reports 1002."""
+    async with bot_server(vanish_on_die) as bot, gateway(bot.url, websocket_auth="none") as gw:
+        with trio.fail_after(BOUND):
+            async with open_client(gw.url()) as ws:
+                await ws.send_message("die")
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+            assert closed.value.reason is not None and closed.value.reason.code == 1002
+
+
+async def bursty(ws: WebSocketConnection, bot: BotServer) -> None:
+    """On "burst", send three messages and vanish; otherwise echo."""
+    while True:
+        message = await ws.get_message()
+        if message == "burst":
+            for i in range(3):
+                await ws.send_message(f"m{i}")
+            await ws._stream.aclose()
+            return
+        await ws.send_message(message)
+
+
+async def test_messages_received_before_the_loss_are_delivered_first() -> None:
+    events = Recorder()
+    async with bot_server(bursty) as bot, gateway(bot.url) as gw:
+        with trio.fail_after(BOUND):
+            async with relay.client.connect(start_url(gw), PK, reconnect=NO_JITTER,
+                                            on_event=events) as session:
+                await session.send("burst")
+                assert [await session.receive() for _ in range(3)] == ["m0", "m1", "m2"]
+                await events.reconnected.wait()
+                await session.send("after")
+                assert await session.receive() == "after"
+        [lost] = events.of(ConnectionLost)
+        assert lost.messages_received == 3 and lost.messages_sent == 1
+
+
+def closing_bot(code: int, reason: str) -> Any:
+    async def behaviour(ws: WebSocketConnection, bot: BotServer) -> None:
+        message = await ws.get_message()
+        if message == "close":
+            await ws.aclose(code, reason)
+            return
+        await ws.send_message(message)
+        await trio.sleep_forever()
+    return behaviour
+
+
+@pytest.mark.parametrize(("code", "reconnects"), [
+    (1000, False), (4002, False), (1008, False), (1011, True), (1001, True)])
+async def test_bot_close_codes_end_or_reconnect_as_the_policy_says(
+        code: int, reconnects: bool) -> None:
+    events = Recorder()
+    async with bot_server(closing_bot(code, "bye")) as bot, gateway(bot.url) as gw:
+        with trio.fail_after(BOUND):
+            async with relay.client.connect(start_url(gw), PK, reconnect=NO_JITTER,
+                                            on_event=events) as session:
+                await session.send("close")
+                if reconnects:
+                    await events.reconnected.wait()
+                    await session.send("again")
+                    assert await session.receive() == "again"
+                    [lost] = events.of(ConnectionLost)
+                    assert (lost.code, lost.reason) == (code, "bye")
+                else:
+                    with pytest.raises(SessionClosed) as closed:
+                        await session.receive()
+                    assert (closed.value.code, closed.value.reason) == (code, "bye")
+                    assert events.events == []
+                    assert starts(gw, 200) == 1
+
+
+async def test_session_timeout_4000_ends_the_session_without_reconnecting(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async with gateway(session_timeout=300) as gw:
+        with trio.fail_after(BOUND * 20):
+            async with relay.client.connect(start_url(gw), PK) as session:
+                connected_at = trio.current_time()
+                with pytest.raises(SessionClosed) as closed:
+                    await session.receive()
+                assert trio.current_time() - connected_at == 300
+        assert (closed.value.code, closed.value.reason) == (4000, "session timeout")
+        assert starts(gw, 200) == 1
+
+
+async def test_replaced_4001_ends_the_older_session_and_the_newer_one_works() -> None:
+    async with gateway() as gw:
+        with trio.fail_after(BOUND):
+            async with relay.client.connect(start_url(gw), PK) as first:
+                await first.send("one")
+                assert await first.receive() == "one"
+                async with relay.client.connect(start_url(gw), PK) as second:
+                    with pytest.raises(SessionClosed) as closed:
+                        await first.receive()
+                    assert (closed.value.code, closed.value.reason) == (4001, "replaced")
+                    await second.send("two")
+                    assert await second.receive() == "two"
+        assert starts(gw, 200) == 2
+
+
+async def test_close_during_the_backoff_wait_ends_at_once(
+        autojump_clock: trio.testing.MockClock) -> None:
+    events = Recorder()
+    policy = Reconnect(first_delay=100, jitter=0, give_up_after=1000)
+    async with bot_server(vanish_on_die) as bot, gateway(bot.url) as gw:
+        with trio.fail_after(BOUND):
+            async with relay.client.connect(start_url(gw), PK, reconnect=policy,
+                                            on_event=events) as session:
+                await session.send("die")
+                await events.lost.wait()
+                lost_at = trio.current_time()
+                await session.close()
+                assert trio.current_time() == lost_at
+                with pytest.raises(SessionClosed) as closed:
+                    await session.receive()
+                assert not isinstance(closed.value, ReconnectFailed)
+                assert closed.value.code == 1000
+        assert starts(gw, 200) == 1
+
+
+async def test_async_callbacks_are_awaited_and_a_failing_callback_is_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[str] = []
+    reconnected = trio.Event()
+
+    async def on_event(event: relay.client.Event) -> None:
+        await trio.lowlevel.checkpoint()
+        seen.append(type(event).__name__)
+        if isinstance(event, ConnectionLost):
+            raise RuntimeError("callback bug")
+        if isinstance(event, Reconnected):
+            reconnected.set()
+
+    async with bot_server(vanish_on_die) as bot, gateway(bot.url) as gw:
+        with trio.fail_after(BOUND):
+            async with relay.client.connect(start_url(gw), PK, reconnect=NO_JITTER,
+                                            on_event=on_event) as session:
+                await session.send("die")
+                await reconnected.wait()
+                await session.send("ok")
+                assert await session.receive() == "ok"
+    assert seen == ["ConnectionLost", "Reconnected"]
+    assert "callback bug" in caplog.text
+
+
+async def test_a_caller_error_inside_the_block_propagates_unwrapped() -> None:
+    async with gateway() as gw:
+        with trio.fail_after(BOUND), pytest.raises(KeyError, match="mine"):
+            async with relay.client.connect(start_url(gw), PK):
+                raise KeyError("mine")

@@ -55,7 +55,14 @@ from relay.client.errors import (
     StartError,
 )
 from relay.client.policy import Reconnect
-from relay.client.start import StartAnswer, host_header, open_stream, post_start, split_url
+from relay.client.start import (
+    StartAnswer,
+    host_header,
+    network_error,
+    open_stream,
+    post_start,
+    split_url,
+)
 
 __all__ = ["CLOSE_TIMEOUT", "CONNECT_TIMEOUT", "Session", "TokenIn", "connect"]
 
@@ -306,8 +313,8 @@ class Session:
             try:
                 stream = await open_stream(host, port, ctx)
             except (OSError, trio.BrokenResourceError) as exc:
-                raise ConnectError(None, "unreachable", f"cannot reach {host}:{port}: {exc}") \
-                    from exc
+                code, why = network_error(exc)
+                raise ConnectError(None, code, f"cannot reach {host}:{port}: {why}") from exc
         if stream is None:
             raise ConnectError(None, "timeout", self._timeout_detail(phase, "connected"))
         tapped = TappedStream(stream)

@@ -22,7 +22,15 @@ import trio
 
 from relay.client.errors import StartError
 
-__all__ = ["MAX_START_ANSWER", "StartAnswer", "open_stream", "post_start"]
+__all__ = [
+    "MAX_START_ANSWER",
+    "StartAnswer",
+    "host_header",
+    "network_error",
+    "open_stream",
+    "post_start",
+    "split_url",
+]
 
 MAX_START_ANSWER = 65_536  # bytes of /start answer body; relay's are a few hundred
 _TOKEN = re.compile(r"[A-Za-z0-9._~-]+")
@@ -61,6 +69,14 @@ async def open_stream(host: str, port: int, ssl_context: ssl.SSLContext | None) 
     return stream
 
 
+def network_error(exc: BaseException) -> tuple[str, str]:
+    """A short code and a sentence for a failure to reach a peer (TLS failures named)."""
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLError):
+        return "tls_failed", f"TLS handshake failed: {cause}"
+    return "unreachable", str(exc) or repr(exc)
+
+
 def host_header(host: str, port: int, tls: bool) -> str:
     shown = f"[{host}]" if ":" in host else host
     return shown if port == (443 if tls else 80) else f"{shown}:{port}"
@@ -78,7 +94,8 @@ async def post_start(start_url: str, public_key: str, body: Any, *,
         stream = await open_stream(host, port, (ssl_context or ssl.create_default_context())
                                    if tls else None)
     except (OSError, trio.BrokenResourceError) as exc:
-        raise StartError(None, "unreachable", f"cannot reach {host}:{port}: {exc}") from exc
+        code, why = network_error(exc)
+        raise StartError(None, code, f"cannot reach {host}:{port}: {why}") from exc
     async with stream:
         conn = h11.Connection(h11.CLIENT)
         request = h11.Request(method="POST", target=target, headers=[
