@@ -1,0 +1,262 @@
+"""relay.client against `relay serve` as a real process: echo, a gateway restart, a killed
+bot, attempts running out, a bad public key.
+
+Real time is inherent here: readiness is a short poll of the ports under an overall bound,
+and reconnection policies use small delays with overall bounds (``trio.fail_after``).
+Ports are picked by binding port 0 and closing the socket; the config is written by the
+test; `RELAY_SECRET` is set so a restarted gateway verifies the same tokens. Every process
+started here is killed by PID in a `finally`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+from support import BotServer, bot_server
+from trio_websocket import WebSocketConnection
+
+import relay.client
+from relay.client import (
+    ConnectionLost,
+    Reconnect,
+    ReconnectFailed,
+    Reconnected,
+    StartError,
+)
+
+PK = "pk_process_test"
+SECRET = "k1:" + "s" * 40
+START_BOUND = 20.0  # seconds for a process to import and listen
+POLL = 0.05  # seconds between readiness probes
+FAST = Reconnect(attempts=60, first_delay=0.1, factor=1.5, max_delay=0.5, jitter=0.25,
+                 give_up_after=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@attrs.define
+class Gateway:
+    """One `relay serve` process at a time on fixed (free) ports, restartable."""
+
+    tmp_path: Path
+    bot: str
+    ws_port: int = attrs.field(factory=free_port)
+    api_port: int = attrs.field(factory=free_port)
+    process: trio.Process | None = None
+    runs: int = 0
+
+    @property
+    def start_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}/v1/public/demo/start"
+
+    def stderr(self) -> str:
+        return "".join(p.read_text(errors="replace")
+                       for p in sorted(self.tmp_path.glob("stderr-*.txt")))
+
+    async def start(self) -> None:
+        config = self.tmp_path / "relay.toml"
+        config.write_text(
+            "[server]\n"
+            f'ws_bind = ["127.0.0.1:{self.ws_port}"]\n'
+            f'api_bind = ["127.0.0.1:{self.api_port}"]\n'
+            f'public_url = "ws://127.0.0.1:{self.ws_port}"\n'
+            f'public_keys = ["{PK}"]\n'
+            "close_timeout = 1\n"
+            "[agents.demo]\n"
+            f'bot = "{self.bot}"\n'
+            'websocket_auth = "token"\n'
+            'bot_protocol = "pipecat-cloud"\n', encoding="utf-8")
+        self.runs += 1
+        with (self.tmp_path / f"stderr-{self.runs}.txt").open("wb") as err:
+            self.process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                env={**os.environ, "RELAY_SECRET": SECRET})
+        with trio.fail_after(START_BOUND):
+            for port in (self.ws_port, self.api_port):
+                while True:
+                    assert self.process.returncode is None, self.stderr()
+                    try:
+                        stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    except OSError:
+                        await trio.sleep(POLL)
+                        continue
+                    await stream.aclose()
+                    break
+
+    async def stop(self, signum: int = signal.SIGTERM) -> int:
+        process = self.process
+        assert process is not None
+        process.send_signal(signum)
+        with trio.fail_after(10):
+            return await process.wait()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            try:
+                self.process.kill()  # this process's PID only
+            except ProcessLookupError:
+                pass
+
+
+@asynccontextmanager
+async def served(tmp_path: Path, bot: str = "python:relay.echo:echo_bot"
+                 ) -> AsyncIterator[Gateway]:
+    gateway = Gateway(tmp_path, bot)
+    try:
+        await gateway.start()
+        yield gateway
+    finally:
+        gateway.kill()
+        if gateway.process is not None:
+            with trio.move_on_after(5):
+                await gateway.process.wait()
+
+
+async def upgrade_answer(port: int, path: str) -> bytes:
+    """The whole HTTP answer to one upgrade request (a refusal closes the connection)."""
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(
+                f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\n"
+                "connection: Upgrade\r\nsec-websocket-version: 13\r\n"
+                "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+            data = b""
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+    return data
+
+
+async def metric(port: int, line_start: str) -> str:
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    return "\n".join(line for line in data.decode().splitlines() if line.startswith(line_start))
+
+
+class Events:
+    def __init__(self) -> None:
+        self.seen: list[relay.client.Event] = []
+        self.lost = trio.Event()
+        self.reconnected = trio.Event()
+
+    def __call__(self, event: relay.client.Event) -> None:
+        self.seen.append(event)
+        if isinstance(event, ConnectionLost):
+            self.lost.set()
+        elif isinstance(event, Reconnected):
+            self.reconnected.set()
+
+
+async def test_echo_through_start_on_a_real_gateway(tmp_path: Path) -> None:
+    async with served(tmp_path) as gw:
+        with trio.fail_after(20):
+            async with relay.client.connect(gw.start_url, PK, body={"caller": "x"}) as session:
+                await session.send("hello")
+                assert await session.receive() == "hello"
+                await session.send(b"\xff" * 70_000)
+                assert await session.receive() == b"\xff" * 70_000
+
+
+async def test_gateway_restart_mid_session_the_same_session_works_with_a_new_token(
+        tmp_path: Path) -> None:
+    events = Events()
+    async with served(tmp_path) as gw:
+        with trio.fail_after(60):
+            async with relay.client.connect(gw.start_url, PK, reconnect=FAST,
+                                            on_event=events) as session:
+                await session.send("before")
+                assert await session.receive() == "before"
+                first_token = session.token
+                assert await gw.stop(signal.SIGTERM) == 0, gw.stderr()
+                await events.lost.wait()
+                await gw.start()  # the same ports, the same key material
+                await events.reconnected.wait()
+                await session.send("after")
+                assert await session.receive() == "after"
+                assert session.token != first_token and session.reconnects == 1
+                # The new connection's token is spent on this gateway: refused if replayed.
+                answer = await upgrade_answer(gw.ws_port,
+                                              f"/ws/generic/demo.local/{session.token}")
+                assert answer.startswith(b"HTTP/1.1 403 ") and b'"replayed"' in answer
+        lost = events.seen[0]
+        assert isinstance(lost, ConnectionLost) and lost.code == 1001
+        assert isinstance(events.seen[-1], Reconnected)
+        assert "Traceback" not in gw.stderr()
+
+
+async def vanish_on_die(ws: WebSocketConnection, bot: BotServer) -> None:
+    while True:
+        message = await ws.get_message()
+        if message == "die":
+            await ws._stream.aclose()  # the bot's TCP connection drops: a killed bot
+            return
+        await ws.send_message(message)
+
+
+async def test_killed_bot_is_1014_and_the_first_token_is_refused_when_replayed(
+        tmp_path: Path) -> None:
+    events = Events()
+    async with bot_server(vanish_on_die) as bot, served(tmp_path, bot.url) as gw:
+        with trio.fail_after(30):
+            async with relay.client.connect(gw.start_url, PK, reconnect=FAST,
+                                            token_in="path", on_event=events) as session:
+                await session.send("one")
+                assert await session.receive() == "one"
+                first_token = session.token
+                await session.send("die")
+                await events.reconnected.wait()
+                await session.send("two")
+                assert await session.receive() == "two"
+                answer = await upgrade_answer(gw.ws_port, f"/ws/generic/demo.local/{first_token}")
+                assert answer.startswith(b"HTTP/1.1 403 ") and b'"replayed"' in answer
+        lost = events.seen[0]
+        assert isinstance(lost, ConnectionLost)
+        assert (lost.code, lost.reason) == (1014, "bad gateway")
+
+
+async def test_gateway_gone_for_good_attempts_run_out_with_a_clear_error(
+        tmp_path: Path) -> None:
+    policy = Reconnect(attempts=3, first_delay=0.05, factor=2, jitter=0, give_up_after=20)
+    async with served(tmp_path) as gw:
+        with trio.fail_after(30):
+            async with relay.client.connect(gw.start_url, PK, reconnect=policy) as session:
+                await session.send("x")
+                assert await session.receive() == "x"
+                gw.kill()  # SIGKILL: no close frame, the TCP connection just ends
+                with pytest.raises(ReconnectFailed) as failed:
+                    await session.receive()
+    assert failed.value.code == 1006 and failed.value.attempts == 3
+    assert isinstance(failed.value.last_error, StartError)
+    assert failed.value.last_error.code == "unreachable"
+    assert "not reconnected after 3 attempt(s)" in str(failed.value)
+
+
+async def test_bad_public_key_is_401_at_once_without_a_retry_loop(tmp_path: Path) -> None:
+    async with served(tmp_path) as gw:
+        with trio.fail_after(20):
+            with pytest.raises(StartError) as refused:
+                async with relay.client.connect(gw.start_url, "pk_not_this_one", reconnect=FAST):
+                    pass
+            assert (refused.value.status, refused.value.code) == (401, "unauthorized")
+            counted = await metric(gw.api_port, "relay_start_requests_total")
+        assert counted == 'relay_start_requests_total{status="401"} 1.0'
