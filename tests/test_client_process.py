@@ -29,8 +29,8 @@ import relay.client
 from relay.client import (
     ConnectionLost,
     Reconnect,
-    ReconnectFailed,
     Reconnected,
+    ReconnectFailed,
     StartError,
 )
 
