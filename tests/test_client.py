@@ -9,10 +9,14 @@ the client as 1014. The gateway process tests are in test_client_process.py.
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import trio
@@ -64,6 +68,12 @@ def starts(gw: Any, status: int) -> float:
     value = gw.gateway.metrics.registry.get_sample_value(
         "relay_start_requests_total", {"status": str(status)})
     return value or 0.0
+
+
+def body_of(bot_path: str) -> Any:
+    """The held body as a pipecat-cloud bot gets it: ?body= base64 of the compact JSON."""
+    [encoded] = parse_qs(urlsplit(bot_path).query)["body"]
+    return json.loads(base64.b64decode(encoded))
 
 
 async def vanish_on_die(ws: WebSocketConnection, bot: BotServer) -> None:
@@ -122,10 +132,11 @@ async def test_the_body_reaches_the_bot_and_the_token_is_spent() -> None:
                 await session.send("x")
                 assert await session.receive() == "x"
                 token = session.token
-            assert "body=" in bot.requests[0].path
-            assert bot.requests[0].headers  # the bot saw the gateway's upgrade request
+            assert body_of(bot.requests[0].path) == {"caller": "+15550100"}
             status = await raw_upgrade_status(gw.ws_port, f"/ws/generic/a.local/{token}")
             assert status == 403
+            assert gw.gateway.metrics.registry.get_sample_value(
+                "relay_token_refusals_total", {"reason": "replayed"}) == 1
 
 
 async def test_auth_none_agent_connects_without_a_token() -> None:
@@ -215,7 +226,7 @@ async def test_bot_gone_is_reported_as_1014_and_the_session_reconnects() -> None
         assert back.attempt == 1 and back.previous_session_id == first_id
         assert back.session_id == session.session_id
         assert events.of(AttemptFailed) == []
-        assert len(bot.requests) == 2 and all("body=" in r.path for r in bot.requests)
+        assert [body_of(r.path) for r in bot.requests] == [{"n": 1}, {"n": 1}]
 
 
 async def test_1014_without_reconnection_ends_the_session_with_1014() -> None:
@@ -490,3 +501,54 @@ async def test_a_caller_error_inside_the_block_propagates_unwrapped() -> None:
         with trio.fail_after(BOUND), pytest.raises(KeyError, match="mine"):
             async with relay.client.connect(start_url(gw), PK):
                 raise KeyError("mine")
+
+
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A TCP server that accepts and never answers (a hung gateway); its port."""
+    async def handler(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        yield listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_start_is_a_timeout_at_exactly_connect_timeout(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async with silent_server() as port:
+        began = trio.current_time()
+        with pytest.raises(StartError) as refused:
+            async with relay.client.connect(f"http://127.0.0.1:{port}/v1/public/a/start", PK,
+                                            connect_timeout=7):
+                pass
+        assert trio.current_time() - began == 7
+    assert refused.value.code == "timeout" and refused.value.retryable
+
+
+async def test_a_silent_upgrade_is_a_timeout_at_exactly_connect_timeout(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async with silent_server() as port:
+        config = make_config(websocket_auth="token", server={
+            "public_url": f"ws://127.0.0.1:{port}", "public_keys": [PK]})
+        async with running(config) as gw:
+            began = trio.current_time()
+            with pytest.raises(ConnectError) as refused:
+                async with relay.client.connect(start_url(gw), PK, connect_timeout=7):
+                    pass
+            assert trio.current_time() - began == 7
+    assert refused.value.code == "timeout" and refused.value.status is None
+
+
+async def test_a_message_over_max_message_size_ends_the_session_with_1009() -> None:
+    async with gateway() as gw:
+        with trio.fail_after(BOUND):
+            async with relay.client.connect(start_url(gw), PK,
+                                            max_message_size=10) as session:
+                await session.send("x" * 11)
+                with pytest.raises(SessionClosed) as closed:
+                    await session.receive()
+        assert closed.value.code == 1009 and not isinstance(closed.value, ReconnectFailed)
+        assert starts(gw, 200) == 1
