@@ -303,7 +303,8 @@ async def test_give_up_after_bounds_the_reconnect_in_time(
                     await session.receive()
     lost_at = events.events[0][0]
     # Tries at +1, +3, +7; the next would start at +15, past give_up_after: no try starts.
-    assert [t - lost_at for t, _ in events.events[1:]] == [1, 3, 7]
+    assert [(t - lost_at, e.retrying) for t, e in events.events[1:]] == [
+        (1, True), (3, True), (7, False)]
     assert failed.value.attempts == 3
     assert "give_up_after (10 s)" in str(failed.value)
 

@@ -58,6 +58,7 @@ class Gateway:
     api_port: int = attrs.field(factory=free_port)
     process: trio.Process | None = None
     runs: int = 0
+    agent: str = "demo"  # the agent the config file declares
 
     @property
     def start_url(self) -> str:
@@ -76,7 +77,7 @@ class Gateway:
             f'public_url = "ws://127.0.0.1:{self.ws_port}"\n'
             f'public_keys = ["{PK}"]\n'
             "close_timeout = 1\n"
-            "[agents.demo]\n"
+            f"[agents.{self.agent}]\n"
             f'bot = "{self.bot}"\n'
             'websocket_auth = "token"\n'
             'bot_protocol = "pipecat-cloud"\n', encoding="utf-8")
@@ -260,3 +261,27 @@ async def test_bad_public_key_is_401_at_once_without_a_retry_loop(tmp_path: Path
             assert (refused.value.status, refused.value.code) == (401, "unauthorized")
             counted = await metric(gw.api_port, "relay_start_requests_total")
         assert counted == 'relay_start_requests_total{status="401"} 1.0'
+
+
+async def test_a_try_refused_for_good_ends_the_reconnect_at_once(tmp_path: Path) -> None:
+    events = Events()
+    async with served(tmp_path) as gw:
+        with trio.fail_after(60):
+            async with relay.client.connect(gw.start_url, PK, reconnect=FAST,
+                                            on_event=events) as session:
+                await session.send("x")
+                assert await session.receive() == "x"
+                assert await gw.stop(signal.SIGTERM) == 0
+                await events.lost.wait()
+                gw.agent = "renamed"  # the restarted gateway no longer has our agent: 404
+                await gw.start()
+                with pytest.raises(ReconnectFailed) as failed:
+                    await session.receive()
+    assert isinstance(failed.value.last_error, StartError)
+    assert (failed.value.last_error.status, failed.value.last_error.code) == (
+        404, "agent_not_found")
+    assert "refused" in str(failed.value) and failed.value.code == 1001
+    tries = [e for e in events.seen if isinstance(e, relay.client.AttemptFailed)]
+    assert tries[-1].error is failed.value.last_error and not tries[-1].retrying
+    assert all(t.error.code == "unreachable" and t.retrying for t in tries[:-1])
+    assert failed.value.attempts == len(tries)

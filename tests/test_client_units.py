@@ -151,6 +151,8 @@ def test_a_good_answer_is_parsed() -> None:
     (200, b'{"token":"t"}', False, "bad_answer"),
     (200, b'{"wsUrl":"http://h/x","token":"t"}', False, "bad_answer"),
     (200, b'{"wsUrl":"ws://h/x","token":"t"}', True, "bad_answer"),  # https -> ws: downgrade
+    (200, b'{"wsUrl":"ws:///x","token":"t"}', False, "bad_answer"),  # no host
+    (200, b'{"wsUrl":"ws://h:99999/x","token":"t"}', False, "bad_answer"),  # no such port
     (200, b'{"wsUrl":"wss://h/x","token":"t\\r\\nx: y"}', False, "bad_answer"),
     (200, b'{"wsUrl":"wss://h/x","token":"a/../b"}', False, "bad_answer"),
     (200, b'{"wsUrl":"wss://h/x","token":7}', False, "bad_answer"),
@@ -210,6 +212,7 @@ async def test_a_garbage_http_answer_is_a_start_error() -> None:
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"start_url": "ftp://h/start"}, "not a http:// or https:// URL"),
     ({"start_url": "/v1/public/a/start"}, "not a http:// or https:// URL"),
+    ({"start_url": "http://h:port/start"}, "not a http:// or https:// URL"),
     ({"token_in": "cookie"}, "token_in must be one of"),
     ({"connect_timeout": 0}, "connect_timeout must be a finite number > 0"),
     ({"close_timeout": math.nan}, "close_timeout must be a finite number > 0"),

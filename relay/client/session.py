@@ -30,7 +30,7 @@ import logging
 import math
 import random
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal, NoReturn, cast
 
@@ -75,6 +75,7 @@ TokenIn = Literal["header", "query", "path"]
 _TOKEN_IN = ("header", "query", "path")
 
 EventCallback = Callable[[Event], Any]
+OnUp = Callable[[WebSocketConnection, StartAnswer], Awaitable[None]]
 
 
 @asynccontextmanager
@@ -96,7 +97,8 @@ async def connect(
     ``body`` (any JSON value) is sent with every /start, so each new bot gets it.
     ``token_in`` puts the token in the ``Authorization: Bearer`` header (default), the
     ``?token=`` query or the last path segment. ``on_event`` (a function or coroutine
-    function) hears ``ConnectionLost`` / ``AttemptFailed`` / ``Reconnected``.
+    function) hears ``ConnectionLost`` / ``AttemptFailed`` / ``Reconnected``; it runs in the
+    session's own task, so keep it short and do not await ``send``/``receive`` in it.
     ``ssl_context`` is used for https:// and wss:// (default: the system's trust).
     Leaving the block closes the session with 1000.
     """
@@ -239,7 +241,7 @@ class Session:
                 return
             closed = next_closed
 
-    async def _replace(self, code: int, reason: str, up: Any) -> tuple[int, str] | None:
+    async def _replace(self, code: int, reason: str, up: OnUp) -> tuple[int, str] | None:
         """After a loss: try as the policy says; the next connection's close, or None."""
         lost = ConnectionLost(code, reason, self.session_id, self._sent, self._received)
         self._ws = None
@@ -252,7 +254,6 @@ class Session:
         give_up_at = trio.current_time() + policy.give_up_after
         error: StartError | ConnectError | None = None
         attempt = 0
-        why = f"no more attempts ({policy.attempts})"
         previous = self.session_id
 
         async def reconnected(ws: WebSocketConnection, answer: StartAnswer) -> None:
@@ -260,8 +261,11 @@ class Session:
             await up(ws, answer)
             await self._emit(Reconnected(attempt, answer.session_id, previous))
 
-        while attempt < policy.attempts and self._ended is None:
-            delay = policy.delay(attempt + 1, random.random())
+        delay = policy.delay(1, random.random())
+        while True:
+            if attempt >= policy.attempts:
+                why = f"no more attempts ({policy.attempts})"
+                break
             if trio.current_time() + delay >= give_up_at:
                 why = f"give_up_after ({policy.give_up_after} s) passed"
                 break
@@ -277,11 +281,10 @@ class Session:
                 error = exc
             if self._ended is not None:
                 return None
-            final = not error.retryable or attempt == policy.attempts
-            await self._emit(AttemptFailed(attempt, error, retrying=not final))
-            if trio.current_time() >= give_up_at:
-                why = f"give_up_after ({policy.give_up_after} s) passed"
-                break
+            delay = policy.delay(attempt + 1, random.random())
+            retrying = (error.retryable and attempt < policy.attempts
+                        and trio.current_time() + delay < give_up_at)
+            await self._emit(AttemptFailed(attempt, error, retrying=retrying))
             if not error.retryable:
                 why = "refused"
                 break
@@ -295,28 +298,28 @@ class Session:
                                      last_error=error))
 
     async def _start(self, give_up_at: float) -> StartAnswer:
-        with self._phase(give_up_at, self._connect_timeout) as phase:
+        with self._phase(give_up_at, self._connect_timeout):
             return await post_start(self._start_url, self._public_key, self._body,
                                      ssl_context=self._ssl_context)
-        raise StartError(None, "timeout", self._timeout_detail(phase, "/start answered"))
+        raise StartError(None, "timeout", self._timeout_detail("/start answered"))
 
-    async def _link(self, answer: StartAnswer, up: Any, give_up_at: float) -> tuple[int, str]:
+    async def _link(self, answer: StartAnswer, up: OnUp, give_up_at: float) -> tuple[int, str]:
         """Open the WebSocket for ``answer`` and serve it; how it closed (code, reason).
 
-        Raises ``ConnectError`` (or ``StartError`` from up's caller) before it is up.
+        Raises ``ConnectError`` when it cannot be opened.
         """
         url, headers = _ws_target(answer, self._token_in)
         host, port, target, tls = split_url(url, ("ws", "wss"))
         ctx = (self._ssl_context or ssl.create_default_context()) if tls else None
         stream: trio.abc.Stream | None = None
-        with self._phase(give_up_at, self._connect_timeout) as phase:
+        with self._phase(give_up_at, self._connect_timeout):
             try:
                 stream = await open_stream(host, port, ctx)
             except (OSError, trio.BrokenResourceError) as exc:
                 code, why = network_error(exc)
                 raise ConnectError(None, code, f"cannot reach {host}:{port}: {why}") from exc
         if stream is None:
-            raise ConnectError(None, "timeout", self._timeout_detail(phase, "connected"))
+            raise ConnectError(None, "timeout", self._timeout_detail("connected"))
         tapped = TappedStream(stream)
         try:
             async with trio.open_nursery() as nursery:
@@ -327,7 +330,7 @@ class Session:
                         max_message_size=self._max_message_size)
                 if phase.cancelled_caught:
                     raise ConnectError(None, "timeout",
-                                       self._timeout_detail(phase, "the upgrade was answered"))
+                                       self._timeout_detail("the upgrade was answered"))
                 try:
                     await up(ws, answer)
                     return await self._pump(ws, tapped)
@@ -373,7 +376,7 @@ class Session:
             finally:
                 self._interruptible = None
 
-    def _timeout_detail(self, phase: trio.CancelScope, what: str) -> str:
+    def _timeout_detail(self, what: str) -> str:
         if self._ended is not None:
             return "the session was closed"
         return f"not {what} in time ({self._connect_timeout} s, or give_up_after)"

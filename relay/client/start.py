@@ -47,10 +47,14 @@ def split_url(url: str, schemes: tuple[str, str]) -> tuple[str, int, str, bool]:
     """``(host, port, target, tls)`` of an http(s) or ws(s) URL; ValueError otherwise."""
     parts = urlsplit(url)
     plain, secure = schemes
-    if parts.scheme not in schemes or not parts.hostname:
+    try:
+        port_given = parts.port
+    except ValueError:  # not a number, or out of range
+        port_given = -1
+    if parts.scheme not in schemes or not parts.hostname or port_given == -1:
         raise ValueError(f"not a {plain}:// or {secure}:// URL: {url!r}")
     tls = parts.scheme == secure
-    port = parts.port or (443 if tls else 80)
+    port = port_given or (443 if tls else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return parts.hostname, port, target, tls
 
@@ -147,10 +151,13 @@ def _parse(status: int, answer: bytes, tls: bool) -> StartAnswer:
     if not isinstance(value, dict) or not isinstance(value.get("wsUrl"), str):
         raise StartError(status, "bad_answer", "the answer has no wsUrl")
     ws_url: str = value["wsUrl"]
-    scheme = urlsplit(ws_url).scheme
-    if scheme not in ("ws", "wss") or (tls and scheme != "wss"):
-        wanted = "wss://" if tls else "ws:// or wss://"
-        raise StartError(status, "bad_answer", f"wsUrl {ws_url!r} is not {wanted}")
+    try:
+        ws_tls = split_url(ws_url, ("ws", "wss"))[3]
+    except ValueError:
+        ws_tls = None
+    if ws_tls is None or (tls and not ws_tls):
+        wanted = "a wss:// URL" if tls else "a ws:// or wss:// URL"
+        raise StartError(status, "bad_answer", f"wsUrl {ws_url[:200]!r} is not {wanted}")
     token = value.get("token")
     if token is not None and not (isinstance(token, str) and _TOKEN.fullmatch(token)):
         raise StartError(status, "bad_answer", "the token is not [A-Za-z0-9._~-]+")
