@@ -38,8 +38,8 @@ PK = "pk_process_test"
 SECRET = "k1:" + "s" * 40
 START_BOUND = 20.0  # seconds for a process to import and listen
 POLL = 0.05  # seconds between readiness probes
-FAST = Reconnect(attempts=60, first_delay=0.1, factor=1.5, max_delay=0.5, jitter=0.25,
-                 give_up_after=30)
+FAST = Reconnect(attempts=200, first_delay=0.1, factor=1.5, max_delay=0.5, jitter=0.25,
+                 give_up_after=40)
 
 
 def free_port() -> int:

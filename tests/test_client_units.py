@@ -21,7 +21,7 @@ from support import make_config, running
 import relay.client
 from relay.client import Reconnect, StartError
 from relay.client.closewatch import MAX_RESPONSE_HEAD, CloseWatcher
-from relay.client.start import MAX_START_ANSWER, _parse, post_start
+from relay.client.start import MAX_START_ANSWER, _parse, post_start, start_request
 from relay.frames import OP_PING, OP_TEXT, encode_close, encode_frame
 
 HEAD_101 = (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
@@ -184,8 +184,8 @@ async def test_an_endless_start_answer_is_cut_at_its_bound() -> None:
         [listener] = await nursery.start(partial(trio.serve_tcp, host="127.0.0.1"), handler, 0)
         port = listener.socket.getsockname()[1]
         with trio.fail_after(10), pytest.raises(StartError) as refused:
-            await post_start(f"http://127.0.0.1:{port}/v1/public/a/start", "pk", None,
-                             ssl_context=None)
+            await post_start(f"http://127.0.0.1:{port}/v1/public/a/start", "pk",
+                             start_request("pk", None), ssl_context=None)
         assert refused.value.code == "answer_too_large"
         nursery.cancel_scope.cancel()
 
@@ -199,7 +199,8 @@ async def test_a_garbage_http_answer_is_a_start_error() -> None:
         [listener] = await nursery.start(partial(trio.serve_tcp, host="127.0.0.1"), handler, 0)
         port = listener.socket.getsockname()[1]
         with trio.fail_after(10), pytest.raises(StartError) as refused:
-            await post_start(f"http://127.0.0.1:{port}/start", "pk", None, ssl_context=None)
+            await post_start(f"http://127.0.0.1:{port}/start", "pk", start_request("pk", None),
+                             ssl_context=None)
         assert refused.value.code == "bad_answer" and refused.value.retryable
         nursery.cancel_scope.cancel()
 
@@ -214,8 +215,13 @@ async def test_a_garbage_http_answer_is_a_start_error() -> None:
     ({"start_url": "/v1/public/a/start"}, "not a http:// or https:// URL"),
     ({"start_url": "http://h:port/start"}, "not a http:// or https:// URL"),
     ({"token_in": "cookie"}, "token_in must be one of"),
+    ({"public_key": "pk\r\nx-evil: 1"}, "public_key must be visible ASCII"),
+    ({"public_key": ""}, "public_key must be visible ASCII"),
+    ({"body": {"x": float("nan")}}, "body is not JSON"),
+    ({"body": {"x": object()}}, "body is not JSON"),
     ({"connect_timeout": 0}, "connect_timeout must be a finite number > 0"),
     ({"close_timeout": math.nan}, "close_timeout must be a finite number > 0"),
+    ({"max_message_size": 0}, "max_message_size must be an integer >= 1"),
 ])
 async def test_bad_connect_arguments_fail_before_any_io(kwargs: dict[str, Any],
                                                         message: str) -> None:

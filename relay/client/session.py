@@ -26,6 +26,7 @@ consumed cannot see its connection close (trio-websocket stops reading the socke
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import random
@@ -62,6 +63,7 @@ from relay.client.start import (
     open_stream,
     post_start,
     split_url,
+    start_request,
 )
 
 __all__ = ["CLOSE_TIMEOUT", "CONNECT_TIMEOUT", "Session", "TokenIn", "connect"]
@@ -103,12 +105,16 @@ async def connect(
     Leaving the block closes the session with 1000.
     """
     split_url(start_url, ("http", "https"))  # ValueError now, not at the first I/O
+    request = start_request(public_key, body)
     if token_in not in _TOKEN_IN:
         raise ValueError(f"token_in must be one of {_TOKEN_IN}, got {token_in!r}")
     for name, value in (("connect_timeout", connect_timeout), ("close_timeout", close_timeout)):
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    session = Session(start_url, public_key, body=body, token_in=token_in,
+    if isinstance(max_message_size, bool) or not isinstance(max_message_size, int) \
+            or max_message_size < 1:
+        raise ValueError(f"max_message_size must be an integer >= 1, got {max_message_size!r}")
+    session = Session(start_url, public_key, request, token_in=token_in,
                       policy=reconnect or Reconnect(), on_event=on_event,
                       ssl_context=ssl_context, connect_timeout=connect_timeout,
                       close_timeout=close_timeout, max_message_size=max_message_size)
@@ -127,13 +133,13 @@ async def connect(
 class Session:
     """One caller's conversation with an agent, across reconnections (see module doc)."""
 
-    def __init__(self, start_url: str, public_key: str, *, body: Any, token_in: TokenIn,
+    def __init__(self, start_url: str, public_key: str, request: bytes, *, token_in: TokenIn,
                  policy: Reconnect, on_event: EventCallback | None,
                  ssl_context: ssl.SSLContext | None, connect_timeout: float,
                  close_timeout: float, max_message_size: int) -> None:
         self._start_url = start_url
         self._public_key = public_key
-        self._body = body
+        self._request = request  # the /start request body, the same for every try
         self._token_in = token_in
         self._policy = policy
         self._on_event = on_event
@@ -299,7 +305,7 @@ class Session:
 
     async def _start(self, give_up_at: float) -> StartAnswer:
         with self._phase(give_up_at, self._connect_timeout):
-            return await post_start(self._start_url, self._public_key, self._body,
+            return await post_start(self._start_url, self._public_key, self._request,
                                      ssl_context=self._ssl_context)
         raise StartError(None, "timeout", self._timeout_detail("/start answered"))
 
@@ -422,8 +428,6 @@ def _ws_target(answer: StartAnswer, token_in: TokenIn) -> tuple[str, list[tuple[
 
 def _rejected(exc: ConnectionRejected) -> ConnectError:
     """The gateway's refusal as a ConnectError, with its JSON code when it sent one."""
-    import json
-
     code, detail = f"http_{exc.status_code}", ""
     try:
         value = json.loads(exc.body or b"")

@@ -29,11 +29,13 @@ __all__ = [
     "network_error",
     "open_stream",
     "post_start",
+    "start_request",
     "split_url",
 ]
 
 MAX_START_ANSWER = 65_536  # bytes of /start answer body; relay's are a few hundred
 _TOKEN = re.compile(r"[A-Za-z0-9._~-]+")
+_PUBLIC_KEY = re.compile(r"[!-~]+")  # what the gateway accepts as a public key
 
 
 @attrs.frozen
@@ -86,14 +88,24 @@ def host_header(host: str, port: int, tls: bool) -> str:
     return shown if port == (443 if tls else 80) else f"{shown}:{port}"
 
 
-async def post_start(start_url: str, public_key: str, body: Any, *,
-                     ssl_context: ssl.SSLContext | None) -> StartAnswer:
-    """Call /start once. Raises ``StartError``; the caller bounds the time it takes."""
-    host, port, target, tls = split_url(start_url, ("http", "https"))
+def start_request(public_key: str, body: Any) -> bytes:
+    """The /start request body; ValueError for a key or body that cannot be sent."""
+    if not _PUBLIC_KEY.fullmatch(public_key):
+        raise ValueError("public_key must be visible ASCII (it travels in a Bearer header)")
     payload: dict[str, Any] = {"transport": "websocket"}
     if body is not None:
         payload["body"] = body
-    data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+    try:
+        return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"body is not JSON: {exc}") from None
+
+
+async def post_start(start_url: str, public_key: str, data: bytes, *,
+                     ssl_context: ssl.SSLContext | None) -> StartAnswer:
+    """Call /start once with ``data`` (``start_request``). Raises ``StartError``; the
+    caller bounds the time it takes."""
+    host, port, target, tls = split_url(start_url, ("http", "https"))
     try:
         stream = await open_stream(host, port, (ssl_context or ssl.create_default_context())
                                    if tls else None)
