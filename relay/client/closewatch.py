@@ -55,7 +55,7 @@ class CloseWatcher:
             data = rest
             if not data:
                 return
-        for piece in self._scanner.feed(memoryview(bytes(data))):
+        for piece in self._scanner.feed(memoryview(data)):
             if isinstance(piece, Violation):
                 self._stop()  # trio-websocket reports this one itself
                 return
