@@ -13,8 +13,12 @@ unmasks, inflates or UTF-8-checks a data payload. What it does do:
   came, learn the close code);
 * enforce what a relay must refuse before forwarding a single byte of a bad frame: masking
   direction (§5.1, §5.3), reserved opcodes (§5.2), fragmented or oversized control frames
-  (§5.4, §5.5), fragmentation order (§5.4), the 64-bit length's top bit (§5.2), the
+  (§5.4, §5.5), fragmentation order (§5.4), the 64-bit length's top bit and non-minimal
+  length encodings (§5.2: "the minimal number of bytes MUST be used"), the
   ``max_message_size`` limit (status 1009, §7.4.1) and close frame payloads (§5.5.1, §7.4).
+
+The verdict never depends on how the stream was split into reads: any chunking yields the
+same frames, the same data bytes (concatenated) and the same violation as one whole chunk.
 
 RSV bits are never a violation: extensions negotiated end to end (permessage-deflate,
 RFC 7692) set them, and the gateway is not a party to that negotiation.
@@ -155,6 +159,7 @@ class FrameScanner:
 
     __slots__ = (
         "_ctrl",
+        "_ctrl_hl",
         "_ctrl_need",
         "_failed",
         "_hdr",
@@ -178,6 +183,7 @@ class FrameScanner:
         self._hdr = bytearray()  # held-back partial header (not yet returned)
         self._ctrl = bytearray()  # control frame being collected (header + payload so far)
         self._ctrl_need = 0  # total size of that control frame; 0 when none
+        self._ctrl_hl = 0  # header length of that control frame
         self._remaining = 0  # payload bytes of the current data frame not yet seen
         self._in_message = False  # a fragmented data message is in progress
         self._msg_size = 0  # payload bytes of the fragmented message so far
@@ -234,6 +240,12 @@ class FrameScanner:
         op = b0 & _OPCODE
         if op not in _OPCODES:
             return Violation(CLOSE_PROTOCOL_ERROR, f"reserved opcode {op}")
+        form = b1 & _LEN7
+        if (form == _LEN16 and ln < _LEN16) or (form == _LEN64 and ln <= 0xFFFF):
+            bits = 16 if form == _LEN16 else 64
+            return Violation(
+                CLOSE_PROTOCOL_ERROR, f"payload length {ln} in the {bits}-bit form (not minimal)"
+            )
         fin = b0 & _FIN
         if op & _CONTROL:
             if not fin:
@@ -325,6 +337,7 @@ class FrameScanner:
             if b0 & _CONTROL:
                 self._ctrl = bytearray(buf[:hl])
                 self._ctrl_need = hl + ln
+                self._ctrl_hl = hl
             else:
                 out.append(buf[:hl])
                 self.data_bytes += hl
@@ -350,7 +363,7 @@ class FrameScanner:
             raw = bytes(self._ctrl)
             self._ctrl = bytearray()
             self._ctrl_need = 0
-            frame = self._control(raw, len(raw) - (raw[1] & _LEN7))
+            frame = self._control(raw, self._ctrl_hl)
             if isinstance(frame, Violation):
                 self._resume = (0, self._in_message, bytes(data[pos:]))
                 return self._fail(out, frame)
@@ -373,18 +386,23 @@ class FrameScanner:
                 b0 = data[pos]
                 b1 = data[pos + 1]
                 ln = b1 & 0x7F
+                # fits: within the limit and in its minimal length form (§5.2); a frame
+                # that does not is left to _accept, which says which rule it broke
                 if ln < 126:
                     hl = 2
+                    fits = ln <= limit
                 elif ln == 126:
                     if avail < 4:
                         break
                     ln = data[pos + 2] << 8 | data[pos + 3]
                     hl = 4
+                    fits = 126 <= ln <= limit
                 else:
                     if avail < 10:
                         break
                     ln = int.from_bytes(data[pos + 2 : pos + 10], "big")
                     hl = 10
+                    fits = 0xFFFF < ln <= limit
                 if b1 & 0x80:
                     hl += 4
                 if avail < hl:
@@ -394,7 +412,7 @@ class FrameScanner:
                     0 < op < 3  # OP_TEXT or OP_BINARY
                     and b0 & 0x80
                     and b1 & 0x80 == mask_bit
-                    and ln <= limit
+                    and fits
                     and not in_message
                 ):
                     fast += 1
@@ -415,6 +433,7 @@ class FrameScanner:
                     if end > n:  # collect the rest from later chunks
                         self._ctrl = bytearray(data[pos:])
                         self._ctrl_need = hl + ln
+                        self._ctrl_hl = hl
                         return out
                     frame = self._control(bytes(data[pos:end]), hl)
                     if isinstance(frame, Violation):
