@@ -31,6 +31,12 @@ Keys beyond SPEC §2, our additions:
                                          descriptors whatever the per-agent limits are.
     [server] cors_origins = []           SPEC §3: origins allowed to call /start from a
                                          browser; "*" or "https://host[:port]" (no path).
+    [server] start_body_timeout = 10     seconds a /start request gets to send its whole body
+                                         (counted from its headers); 408 after it, so a slow
+                                         client cannot pin a body buffer.
+    [server] max_start_body_reads = 64   /start bodies read at once (each at most 1 MiB);
+                                         one more is answered 503 "busy" at once, so slow
+                                         bodies use at most this many MiB.
 
 Choices where the SPEC is silent:
 
@@ -169,6 +175,8 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
     handshake_timeout: float = 10.0  # seconds for a client's whole upgrade request
     max_connections: int = 10000  # open client connections before new ones get 503
+    start_body_timeout: float = 10.0  # seconds for a /start request's whole body (then 408)
+    max_start_body_reads: int = 64  # /start bodies read at once; one more gets 503
     defaults: Limits = DEFAULT_LIMITS  # per-agent limits set under [server]
 
 
@@ -312,6 +320,8 @@ _SERVER_KEYS = (
     "cors_origins",
     "handshake_timeout",
     "max_connections",
+    "start_body_timeout",
+    "max_start_body_reads",
     *LIMIT_KEYS,
 )
 _STORE_KEYS = ("backend", "url")
@@ -379,6 +389,8 @@ def _parse_server(t: _Table) -> ServerConfig:
         cors_origins=cors_origins,
         handshake_timeout=t.seconds("handshake_timeout", 10.0),
         max_connections=t.positive_int("max_connections", 10000),
+        start_body_timeout=t.seconds("start_body_timeout", 10.0),
+        max_start_body_reads=t.positive_int("max_start_body_reads", 64),
         defaults=attrs.evolve(DEFAULT_LIMITS, **_limit_overrides(t)),
     )
 

@@ -10,7 +10,11 @@ starts a bot: /start only mints a token and holds the body in the store (SPEC §
     404 agent_not_found           no such agent
     413 payload_too_large         request body over 1 MiB: decided from Content-Length or
                                   while the body arrives, never buffering more than the limit
-    400 invalid_json              body not UTF-8 JSON (NaN/Infinity are not JSON)
+    503 busy                      ``[server] max_start_body_reads`` bodies already being read
+    408 request_timeout           body not received within ``[server] start_body_timeout``
+    400 invalid_json              body not UTF-8 JSON, or JSON that cannot be passed on as
+                                  JSON: non-finite numbers (NaN, Infinity, 1e999) and lone
+                                  surrogates (an escaped "\\ud800" alone), in keys or values
     400 invalid_request           not an object, or an unknown ``?shape=``
     400 unsupported_transport     ``transport`` missing or not "websocket"
     400 body_requires_token_auth  a non-null body for an agent with websocket_auth "none"
@@ -19,6 +23,8 @@ starts a bot: /start only mints a token and holds the body in the store (SPEC §
     503 store_unavailable         token agent while the store is down (SPEC §8)
     503 store_full                a bound of the store is reached (pending sessions, body
                                   bytes, remembered tokens): nothing held is ever dropped
+    500 internal_error            anything unexpected (logged): still the envelope, CORS
+                                  headers and counted, like every other /start answer
 
 An oversized body cannot be parsed, so the raw size check necessarily comes before the
 JSON checks; the 4 KiB pipecat-cloud limit applies to the parsed body and comes after.
@@ -36,6 +42,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
@@ -127,7 +134,10 @@ class _Disconnected(Exception):
 
 
 def _json(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact JSON; ValueError for a non-finite float, UnicodeEncodeError for a lone surrogate."""
+    return json.dumps(
+        value, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -137,8 +147,19 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+class _NotFinite(ValueError):
+    """A number JSON cannot carry: NaN, Infinity, or a literal that overflows a double."""
+
+
 def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
+    raise _NotFinite(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as inf and would be written as Infinity
+        raise _NotFinite(f"{text} is not a finite number")
+    return value
 
 
 class ControlApp:
@@ -146,6 +167,8 @@ class ControlApp:
 
     def __init__(self, state: ControlState) -> None:
         self.state = state
+        #: /start bodies being read right now (bounded by [server] max_start_body_reads)
+        self.reading_bodies = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -219,6 +242,25 @@ class ControlApp:
             )
         except _Disconnected:
             return
+        except Exception:  # a bug: still answer with the envelope, CORS headers, counted
+            logger.exception("control plane: %s %s failed", method, path)
+            failure = _Refuse(
+                500,
+                "internal_error",
+                "Internal error.",
+                "The gateway could not answer this request; the error has been logged.",
+            )
+            if start and method == "POST":
+                self.state.metrics.start_request(500)
+            await _respond(
+                send,
+                500,
+                failure.body(),
+                "application/json",
+                cors,
+                head=method == "HEAD",
+                no_store=True,
+            )
 
     # ---------------------------------------------------------------- CORS
 
@@ -305,7 +347,7 @@ class ControlApp:
                 "Agent not found.",
                 f"There is no agent named {agent_name!r} on this gateway.",
             )
-        raw = await _read_body(scope, receive, MAX_START_BODY)
+        raw = await self._read_start_body(scope, receive)
         request = _parse_request(raw)
         shape = _parse_shape(scope)
         body = request.get("body")
@@ -376,6 +418,35 @@ class ControlApp:
             return 200, _json({"wsUrl": ws_url, "token": token})
         return 200, _json({"token": token, "wsUrl": ws_url, "sessionId": session_id})
 
+    async def _read_start_body(self, scope: Scope, receive: Receive) -> bytes:
+        """The body, read under ``start_body_timeout`` (408) in one of a bounded number of
+        slots (503 when all ``max_start_body_reads`` are taken): slow clients hold at most
+        that many buffers of at most MAX_START_BODY bytes, each for a bounded time."""
+        server = self.state.config.server
+        _check_declared_length(scope, MAX_START_BODY)  # 413 needs no slot
+        if self.reading_bodies >= server.max_start_body_reads:
+            raise _Refuse(
+                503,
+                "busy",
+                "Too many /start requests at once.",
+                f"{server.max_start_body_reads} /start request bodies are being received "
+                "already; try again shortly.",
+                ((b"retry-after", b"1"),),
+            )
+        self.reading_bodies += 1
+        try:
+            with trio.move_on_after(server.start_body_timeout):
+                return await _read_body(scope, receive, MAX_START_BODY)
+        finally:
+            self.reading_bodies -= 1
+        raise _Refuse(
+            408,
+            "request_timeout",
+            "Request body not received in time.",
+            f"The /start request body must arrive within {server.start_body_timeout:g} "
+            "seconds of its headers.",
+        )
+
     async def _store_is_up_for_start(self) -> bool:
         # Asking a shared store per /start would add a round trip; its put fails fast
         # with StoreUnavailable anyway. Only a cached flag is consulted here.
@@ -420,6 +491,13 @@ def _too_large(limit: int) -> _Refuse:
     )
 
 
+def _check_declared_length(scope: Scope, limit: int) -> None:
+    """413 when Content-Length already says the body is over ``limit``."""
+    length = _header(scope, b"content-length")
+    if length is not None and length.strip().isdigit() and int(length) > limit:
+        raise _too_large(limit)
+
+
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The request body, or 413 as soon as it is known to exceed ``limit``.
 
@@ -427,9 +505,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     as ``http.request`` messages arrive and the first byte past the limit refuses, so at
     most ``limit`` bytes are ever held.
     """
-    length = _header(scope, b"content-length")
-    if length is not None and length.strip().isdigit() and int(length) > limit:
-        raise _too_large(limit)
+    _check_declared_length(scope, limit)
     chunks: list[bytes] = []
     total = 0
     while True:
@@ -448,7 +524,26 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 def _parse_request(raw: bytes) -> dict[str, Any]:
     try:
-        request = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        request = json.loads(
+            raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
+        )
+        _json(request)  # what cannot be written back as JSON cannot reach the bot
+    except _NotFinite:
+        raise _Refuse(
+            400,
+            "invalid_json",
+            "Request body has a number JSON cannot carry.",
+            "Numbers must be finite: NaN, Infinity and literals such as 1e999 (too large "
+            "for a double) cannot be passed on as JSON.",
+        ) from None
+    except UnicodeEncodeError:
+        raise _Refuse(
+            400,
+            "invalid_json",
+            "Request body has a string that is not Unicode.",
+            "Strings and keys must be valid Unicode: a lone surrogate escape such as "
+            "\\ud800 (without its pair) cannot be passed on as JSON.",
+        ) from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise _Refuse(
             400,

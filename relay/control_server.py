@@ -5,11 +5,17 @@ that cannot be opened raises `BindError` (naming it) and unreadable TLS files ra
 `ConfigError` before anything serves; then it hands the sockets to hypercorn's trio worker
 and reports what it bound through `task_status.started([(host, port), ...])` (port 0
 works). Cancelling the surrounding scope stops it; so does `shutdown_trigger`.
+
+Slow clients: hypercorn's `read_timeout` (seconds one socket read may wait) is set just
+above `[server] start_body_timeout`, so a silent connection is dropped even where the app
+has no say (between requests, in the middle of headers), while a stalled /start body still
+gets the app's 408 first.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -29,6 +35,8 @@ from relay.errors import BindError, ConfigError
 __all__ = ["serve_control"]
 
 logger = logging.getLogger("relay.control")
+
+READ_TIMEOUT_MARGIN = 2  # seconds hypercorn's read_timeout exceeds start_body_timeout
 
 
 def _listen_sockets(config: Config, backlog: int) -> list[socket.socket]:
@@ -61,6 +69,7 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     hc.errorlog = logging.getLogger("relay.control.hypercorn")  # follows the app's logging
     hc.include_server_header = False
     hc.graceful_timeout = config.server.defaults.close_timeout
+    hc.read_timeout = math.ceil(config.server.start_body_timeout) + READ_TIMEOUT_MARGIN
     if config.tls:
         hc.certfile = config.server.certfile
         hc.keyfile = config.server.keyfile

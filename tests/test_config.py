@@ -165,6 +165,30 @@ BAD_CONFIGS: list[tuple[str, str, str, str]] = [
         "server.max_connections",
         "positive",
     ),
+    (
+        "start-body-timeout-zero",
+        "[server]\nstart_body_timeout = 0\n" + AGENT,
+        "server.start_body_timeout",
+        "positive",
+    ),
+    (
+        "start-body-timeout-inf",
+        "[server]\nstart_body_timeout = inf\n" + AGENT,
+        "server.start_body_timeout",
+        "finite",
+    ),
+    (
+        "max-start-body-reads-zero",
+        "[server]\nmax_start_body_reads = 0\n" + AGENT,
+        "server.max_start_body_reads",
+        "positive",
+    ),
+    (
+        "max-start-body-reads-float",
+        "[server]\nmax_start_body_reads = 1.5\n" + AGENT,
+        "server.max_start_body_reads",
+        "positive integer",
+    ),
     # [server]
     ("org-bad", '[server]\norganization = "my org"\n' + AGENT, "server.organization", "1 to 64"),
     ("org-dot", '[server]\norganization = "a.b"\n' + AGENT, "server.organization", "1 to 64"),
@@ -390,6 +414,8 @@ secret_env = "ACME_RELAY_SECRET"
 cors_origins = ["https://app.example.com", "http://localhost:3000"]
 handshake_timeout = 2.5
 max_connections = 50
+start_body_timeout = 3.5
+max_start_body_reads = 7
 
 [store]
 backend = "redis"
@@ -414,6 +440,7 @@ websocket_auth = "token"
     assert s.cors_origins == ("https://app.example.com", "http://localhost:3000")
     assert s.handshake_timeout == 2.5
     assert s.max_connections == 50
+    assert (s.start_body_timeout, s.max_start_body_reads) == (3.5, 7)
     assert config.store == StoreConfig(backend="redis", url="rediss://cache:6380/1")
     phone = config.agents["phone"]
     assert (phone.max_clients, phone.when_full, phone.bot_protocol) == (
