@@ -5,10 +5,11 @@
     relay check-config FILE                           validate a config file, bind nothing
     relay mint-token AGENT [--config FILE] [--url]    print a one-time token and wsUrl
 
-Exit statuses: 0 success; 2 for a usage error, a bad or missing config file, or an address
-that cannot be bound (SPEC §2, §8). ``serve`` loads and validates the whole config before it
-imports the server, so a bad config never binds anything. Errors go to stderr as
-``relay: <file>: <key>: <problem>``.
+Exit statuses: 0 success; 2 for a usage error, a bad or missing config file, an address
+that cannot be bound, or a bind outside loopback without safe keys (``relay.exposure``:
+both ``serve`` and ``check-config`` run that check). ``serve`` loads and validates the
+whole config before it imports the server, so a bad config never binds anything. Errors
+go to stderr as ``relay: <file>: <key>: <problem>``.
 
 This module owns no gateway logic: ``serve`` hands the validated ``Config`` to
 ``relay.server.run_gateway``, which blocks until shutdown and returns the exit status.
@@ -18,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from relay.config import Config, default_config, load_config
 from relay.errors import BindError, ConfigError
+from relay.exposure import check_exposure
 
 __all__ = ["main"]
 
@@ -91,10 +94,13 @@ def _serve(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
     try:
         config = load_config(args.config) if args.config else default_config()
+        warnings = check_exposure(config, os.environ)
     except ConfigError as exc:
         return _fail(exc)
     if not args.config:
         log.info("no --config given: running the embedded default (agent 'echo', auth none)")
+    for warning in warnings:
+        log.warning("%s", warning)
 
     # Imported only now, with a valid config in hand: nothing is bound before this point.
     from relay.server import run_gateway  # type: ignore[import-not-found, unused-ignore]
@@ -133,8 +139,11 @@ def _add_check_config(commands: argparse._SubParsersAction[argparse.ArgumentPars
 def _check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
+        warnings = check_exposure(config, os.environ)
     except ConfigError as exc:
         return _fail(exc)
+    for warning in warnings:
+        print(f"relay: warning: {warning}", file=sys.stderr)
     print(f"{args.file}: ok ({_agents_summary(config)})")
     return EXIT_OK
 

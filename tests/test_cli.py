@@ -20,6 +20,7 @@ from relay.cli import main
 
 GOOD = '[agents.a]\nbot = "ws://127.0.0.1:9000/ws"\n'
 TWO_AGENTS = GOOD + '[agents.b]\nbot = "python:relay.echo:echo_bot"\n'
+OWN_KEYS = '[server]\npublic_keys = ["pk_test"]\n'  # no development-key warning
 BAD = '[agents.a]\nbot = "ws://127.0.0.1:9000/ws"\nsession_timeout = 0\n'
 
 
@@ -51,7 +52,7 @@ def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path, GOOD)
+    path = write(tmp_path, OWN_KEYS + GOOD)
     assert main(["check-config", str(path)]) == 0
     out, err = capsys.readouterr()
     assert out == f"{path}: ok (1 agent)\n"
@@ -182,7 +183,7 @@ def run_module(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_python_m_relay_check_config(tmp_path: Path) -> None:
-    good = write(tmp_path, TWO_AGENTS, "good.toml")
+    good = write(tmp_path, OWN_KEYS + TWO_AGENTS, "good.toml")
     result = run_module("check-config", str(good))
     assert (result.returncode, result.stdout, result.stderr) == (
         0,
