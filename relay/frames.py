@@ -385,40 +385,42 @@ class FrameScanner:
                     break
                 b0 = data[pos]
                 b1 = data[pos + 1]
+                op = b0 & 0x0F
                 ln = b1 & 0x7F
-                # fits: within the limit and in its minimal length form (§5.2); a frame
-                # that does not is left to _accept, which says which rule it broke
+                # A length in a longer form than it needs (§5.2) sets op to -1, which no
+                # check below accepts: _accept then refuses the frame, so op is not used again.
                 if ln < 126:
                     hl = 2
-                    fits = ln <= limit
                 elif ln == 126:
                     if avail < 4:
                         break
                     ln = data[pos + 2] << 8 | data[pos + 3]
                     hl = 4
-                    fits = 126 <= ln <= limit
+                    if ln < 126:
+                        op = -1
                 else:
                     if avail < 10:
                         break
                     ln = int.from_bytes(data[pos + 2 : pos + 10], "big")
                     hl = 10
-                    fits = 0xFFFF < ln <= limit
+                    if ln <= 0xFFFF:
+                        op = -1
                 if b1 & 0x80:
                     hl += 4
                 if avail < hl:
                     break
-                op = b0 & 0x0F
                 if (
                     0 < op < 3  # OP_TEXT or OP_BINARY
                     and b0 & 0x80
                     and b1 & 0x80 == mask_bit
-                    and fits
+                    and ln <= limit
                     and not in_message
                 ):
                     fast += 1
                 else:
                     violation = self._accept(b0, b1, ln)
-                    if violation is not None:
+                    if violation is not None or op < 0:
+                        assert violation is not None  # _accept refuses every op = -1 frame
                         if run < pos:
                             out.append(data[run:pos])
                             self.data_bytes += pos - run
