@@ -8,12 +8,15 @@ choosing. ``serve`` is only run with configs it must refuse before anything bind
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import relay
 from relay.cli import main
 from relay.config import Config, build_config, default_config
 from relay.errors import ConfigError
@@ -233,3 +236,22 @@ def test_check_config_exposed_with_safe_keys_passes_silently(
     monkeypatch.setenv("RELAY_SECRET", STRONG)
     assert main(["check-config", str(path)]) == 0
     assert capsys.readouterr() == (f"{path}: ok (1 agent)\n", "")
+
+
+def test_python_m_relay_serve_on_every_interface_without_keys_exits_2(tmp_path: Path) -> None:
+    """The review's finding, black-box: `relay serve` on 0.0.0.0 with the development key."""
+    path = write(tmp_path, 'ws_bind = ["0.0.0.0:0"]\napi_bind = ["127.0.0.1:0"]\n')
+    root = str(Path(relay.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root, "RELAY_SECRET": "x"}
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"relay: {path}: server.public_keys: must be set" in result.stderr
+    assert "server.ws_bind[0] = 0.0.0.0:0" in result.stderr
+    assert "listening" not in result.stderr  # refused before anything was bound

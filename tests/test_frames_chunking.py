@@ -14,8 +14,12 @@ import struct
 from collections.abc import Iterable
 
 import pytest
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import bot_server, make_config, running
+from test_relay_e2e import WAIT, connect, record_close
 
 from relay.frames import (
     OP_BINARY,
@@ -270,3 +274,35 @@ def test_minimal_extended_lengths_pass(masked: bool, size: int, form: str) -> No
     )
     assert items == [stream]
     assert counters == (1, len(stream), False, False)
+
+
+# ---------------------------------------------------------------------------- through the gateway
+
+
+@pytest.mark.parametrize("split", [None, 1, 2, 3, 5])
+async def test_a_split_close_in_the_16_bit_form_gets_one_verdict_through_the_gateway(
+    split: int | None,
+) -> None:
+    """The review's reproduction, black-box: whole or split at bytes 1-3, the client gets
+    1002 for the non-minimal length (before, split gave "invalid close code 35070")."""
+    close = raw_frame(OP_CLOSE, b"\x03\xe8done", key=b"\x01\x02\x03\x04", form="16")
+    closes: list[tuple[int, str]] = []
+    async with bot_server(record_close(closes)) as bot, running(make_config(bot.url)) as gw:
+        with trio.fail_after(WAIT):
+            client = await connect(gw.ws_port)
+            try:
+                await client.send_message("before")
+                assert await client.message() == "before"
+                if split is None:
+                    await client.stream.send_all(close)
+                else:
+                    await client.stream.send_all(close[:split])
+                    await trio.testing.wait_all_tasks_blocked(0.01)  # the gateway read it
+                    await client.stream.send_all(close[split:])
+                code, reason = await client.close_code()
+                await bot.closed.wait()
+            finally:
+                await trio.aclose_forcefully(client.stream)
+    assert (code, reason) == (1002, "payload length 6 in the 16-bit form (not minimal)")
+    assert closes == [(1001, closes[0][1])]  # the bot is told the client went away
+    assert bot.received == ["before"]
