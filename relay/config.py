@@ -156,7 +156,7 @@ class AgentConfig:
     websocket_auth: str = "none"  # "none" | "token"
     max_clients: int = 1
     when_full: str = "replace"  # "replace" | "reject"
-    bot_protocol: str = "relay"  # "relay" | "pipecat-cloud"
+    bot_protocol: str = "pipecat-cloud"  # "pipecat-cloud" | "relay" (opt-in)
     limits: Limits = DEFAULT_LIMITS
 
 
@@ -433,7 +433,7 @@ def _parse_agent(t: _Table, name: str, defaults: Limits) -> AgentConfig:
         websocket_auth=t.choice("websocket_auth", WEBSOCKET_AUTH_MODES, "none"),
         max_clients=t.positive_int("max_clients", 1),
         when_full=t.choice("when_full", WHEN_FULL_MODES, "replace"),
-        bot_protocol=t.choice("bot_protocol", BOT_PROTOCOLS, "relay"),
+        bot_protocol=t.choice("bot_protocol", BOT_PROTOCOLS, "pipecat-cloud"),
         limits=attrs.evolve(defaults, **_limit_overrides(t)),
     )
 

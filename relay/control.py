@@ -369,7 +369,9 @@ class ControlApp:
                     "body_too_large",
                     "Body too large.",
                     f"Agent {agent_name!r} passes the body in the bot's URL: at most "
-                    f"{MAX_PIPECAT_BODY} bytes of compact JSON, got {len(held)}.",
+                    f"{MAX_PIPECAT_BODY} bytes of compact JSON, got {len(held)}. An agent "
+                    'with bot_protocol = "relay" carries bodies up to 1 MiB (as its '
+                    "bot's first frame).",
                 )
         if agent.when_full == "reject" and state.is_full(agent_name):
             raise _Refuse(

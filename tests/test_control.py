@@ -50,7 +50,10 @@ def make_config(**server: Any) -> Config:
             **server,
         },
         agents={
-            "tok": {"bot": "ws://127.0.0.1:9/ws", "websocket_auth": "token"},
+            # "relay" explicitly: these tests are about the 1 MiB /start limit, which
+            # only bot_protocol "relay" carries (the default's bodies stop at 4 KiB).
+            "tok": {"bot": "ws://127.0.0.1:9/ws", "websocket_auth": "token",
+                    "bot_protocol": "relay"},
             "open": {"bot": "ws://127.0.0.1:9/ws"},
             "pc": {
                 "bot": "ws://127.0.0.1:9/ws",
@@ -64,6 +67,7 @@ def make_config(**server: Any) -> Config:
                 "max_clients": 2,
             },
             "busy-replace": {"bot": "ws://127.0.0.1:9/ws", "when_full": "replace"},
+            "dflt": {"bot": "ws://127.0.0.1:9/ws", "websocket_auth": "token"},
         },
     )
 
@@ -353,12 +357,27 @@ async def test_start_pipecat_cloud_body_limit_on_compact_json() -> None:
     assert (await call(h.app, path="/v1/public/pc/start", chunks=[ok])).status == 200
     # ...one more byte is 413, even though the request itself is small.
     over = head + b"y" * (MAX_PIPECAT_BODY - 1) + b'"}'
-    assert_error(
-        await call(h.app, path="/v1/public/pc/start", chunks=[over]), 413, "body_too_large"
-    )
+    held_before = h.store.entry_count
+    refused = await call(h.app, path="/v1/public/pc/start", chunks=[over])
+    assert_error(refused, 413, "body_too_large")
+    # ...and the detail tells the operator the way out: the opt-in relay protocol.
+    assert 'bot_protocol = "relay"' in refused.json()["detail"]
+    assert "1 MiB" in refused.json()["detail"]
+    assert h.store.entry_count == held_before  # nothing held for the refused body
     # Whitespace in the request does not count: the limit is on compact JSON.
     spaced = json.dumps({"transport": "websocket", "body": {"k": "v" * 4000}}, indent=8)
     assert (await call(h.app, path="/v1/public/pc/start", chunks=[spaced.encode()])).status == 200
+
+
+async def test_start_default_bot_protocol_is_pipecat_cloud_with_its_4_kib_limit() -> None:
+    h = Harness()
+    assert h.config.agents["dflt"].bot_protocol == "pipecat-cloud"
+    head = b'{"transport":"websocket","body":"'
+    ok = head + b"y" * (MAX_PIPECAT_BODY - 2) + b'"}'
+    assert (await call(h.app, path="/v1/public/dflt/start", chunks=[ok])).status == 200
+    over = head + b"y" * (MAX_PIPECAT_BODY - 1) + b'"}'
+    assert_error(await call(h.app, path="/v1/public/dflt/start", chunks=[over]), 413,
+                 "body_too_large")
 
 
 async def test_start_429_when_full_and_reject() -> None:

@@ -188,8 +188,8 @@ async def test_inprocess_echo_roundtrip() -> None:
 
 
 async def test_first_frame_carries_the_held_body() -> None:
-    async with bot_server() as bot, embedded(make_config(bot.url, websocket_auth="token")
-                                             ) as app:
+    async with bot_server() as bot, embedded(make_config(bot.url, websocket_auth="token",
+                                                         bot_protocol="relay")) as app:
         now = trio.current_time()
         await app.gateway.rt.store.put_session("s-1", b'{"k":1}', now + 300)
         token = mint(KEYS, agent="a", org="local", session_id="s-1", now=now)

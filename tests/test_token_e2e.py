@@ -98,6 +98,7 @@ def e2e_config(bot_url: str, *, dead_port: int = 9, **extra_agents: dict[str, An
             "tok2": dict(token),
             "open": {"bot": bot_url},
             "pc": {**token, "bot_protocol": "pipecat-cloud"},
+            "rel": {**token, "bot_protocol": "relay"},  # opt-in: the relay.session frame
             "full": {**token, "when_full": "reject", "max_clients": 1},
             "openfull": {"bot": bot_url, "when_full": "reject", "max_clients": 1},
             "inproc": {"bot": "python:test_token_e2e:your_bot", "websocket_auth": "token"},
@@ -538,9 +539,9 @@ async def test_full_agent_1013_gateway_closes_tcp_right_after_the_close_exchange
 async def test_held_body_is_first_frame_relay_session_then_client_frames_in_order() -> None:
     body = {"caller": "+15550001", "nested": {"list": [1, 2.5, None, True]}, "u": "é"}
     async with e2e() as (bot, gw):
-        answer = await start_ok(gw.api_port, "tok", {"transport": "websocket", "body": body})
+        answer = await start_ok(gw.api_port, "rel", {"transport": "websocket", "body": body})
         with trio.fail_after(WAIT):
-            async with open_websocket_url(gw.url("tok", f"/{answer['token']}")) as ws:
+            async with open_websocket_url(gw.url("rel", f"/{answer['token']}")) as ws:
                 for message in ("one", b"two", "three"):
                     await ws.send_message(message)
                 echoed = [await ws.get_message() for _ in range(4)]
@@ -549,7 +550,7 @@ async def test_held_body_is_first_frame_relay_session_then_client_frames_in_orde
         assert json.loads(first) == {
             "type": "relay.session",
             "sessionId": answer["sessionId"],
-            "agent": "tok",
+            "agent": "rel",
             "body": body,
         }
         assert bot.received[1:] == ["one", b"two", "three"]
@@ -604,7 +605,7 @@ async def test_pipecat_cloud_body_limit_4096_bytes_compact_json_at_start() -> No
         assert status == 413 and answer["code"] == "body_too_large"
         assert set(answer) == {"error", "code", "detail"}
         # the same body is fine for a relay-protocol agent
-        status, _ = await start(gw.api_port, "tok", {"transport": "websocket", "body": over})
+        status, _ = await start(gw.api_port, "rel", {"transport": "websocket", "body": over})
         assert status == 200
 
 
@@ -672,11 +673,11 @@ async def test_start_shape_client_is_exactly_wsurl_and_token_and_token_works() -
 
 async def test_start_wsurl_is_public_url_agent_org_whatever_the_body() -> None:
     async with e2e() as (_bot, gw):
-        plain = await start_ok(gw.api_port, "tok")
+        plain = await start_ok(gw.api_port, "rel")
         big = await start_ok(
-            gw.api_port, "tok", {"transport": "websocket", "body": {"x": "y" * 100_000}}
+            gw.api_port, "rel", {"transport": "websocket", "body": {"x": "y" * 100_000}}
         )
-        assert plain["wsUrl"] == big["wsUrl"] == f"{PUBLIC_URL}/ws/generic/tok.{ORG}"
+        assert plain["wsUrl"] == big["wsUrl"] == f"{PUBLIC_URL}/ws/generic/rel.{ORG}"
         assert plain["sessionId"] != big["sessionId"]
 
 
