@@ -29,6 +29,9 @@ NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 WS_PREFIX = "/ws/generic"
 # Query parameters that address the gateway itself and are never passed to the bot.
 GATEWAY_QUERY_KEYS = frozenset({"token", "serviceHost"})
+# Parameters only the gateway may set on the bot's URL: a client's own is dropped whatever
+# its spelling (`bod%79`, `body;x`...), so the bot never reads a body the client made up.
+GATEWAY_OWNED_PARAMS = frozenset({"body"})
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -101,20 +104,66 @@ def _split_target(target: str) -> tuple[str, str]:
     return path, query
 
 
+def _decode(text: str) -> str:
+    return unquote(text.replace("+", " "))
+
+
+def param_names(part: str) -> frozenset[str]:
+    """Every name a URL parser could read from one raw `name=value` part (SPEC §8 rev 2).
+
+    The bot's framework decides what `bod%79` or `bo%2564y` means, not us, so a client
+    parameter is judged by all its readings: percent-decoded once and again (until nothing
+    changes), with `+` as a space, split at `;` (older parsers' separator, so `x=1;body=2`
+    has a `body`), stripped of surrounding whitespace, as is and lower-cased. A parameter
+    is dropped when any reading is a reserved name.
+    """
+    names: set[str] = set()
+    text = part
+    for _ in range(8):  # bounded: each round only shortens the text or stops
+        for piece in text.split(";"):
+            name = piece.partition("=")[0]
+            names.update((name, name.strip(), name.strip().lower()))
+        decoded = _decode(text)
+        if decoded == text:
+            break
+        text = decoded
+    return frozenset(names)
+
+
+def query_keys(query: str) -> frozenset[str]:
+    """The decoded parameter names a query string sets (the operator's bot URL)."""
+    return frozenset(_decode(part.partition("=")[0])
+                     for part in query.split("&") if part)
+
+
 def _parse_query(query: str) -> tuple[tuple[tuple[str, str], ...], str]:
-    """Decoded pairs (for lookups) and the raw query minus gateway keys (for the bot)."""
+    """Decoded pairs (for lookups) and the raw query for the bot.
+
+    The bot's copy keeps the client's parameters as they came, minus those that speak
+    for the gateway: `token` and `serviceHost` (ours) and any reading of `body` (the
+    held body's place, SPEC §5: only the gateway may put it there).
+    """
     pairs: list[tuple[str, str]] = []
     kept: list[str] = []
     for part in query.split("&"):
         if not part:
             continue
         raw_key, _, raw_value = part.partition("=")
-        key = unquote(raw_key.replace("+", " "))
-        value = unquote(raw_value.replace("+", " "))
+        key = _decode(raw_key)
+        value = _decode(raw_value)
         pairs.append((key, value))
-        if key not in GATEWAY_QUERY_KEYS:
-            kept.append(part)
+        if key in GATEWAY_QUERY_KEYS or GATEWAY_OWNED_PARAMS & param_names(part):
+            continue
+        kept.append(part)
     return tuple(pairs), "&".join(kept)
+
+
+def without_params(query: str, names: frozenset[str]) -> str:
+    """`query` minus every parameter that any reading of its name puts in `names`."""
+    if not names or not query:
+        return query
+    return "&".join(part for part in query.split("&")
+                    if part and not names & param_names(part))
 
 
 def split_service_host(host: str) -> tuple[str, str] | None:
@@ -133,6 +182,10 @@ def route(target: bytes) -> Route | Reject:
         text = target.decode("ascii")
     except UnicodeDecodeError:
         return Reject(400, "bad_target", "The request target is not ASCII.")
+    if "#" in text:
+        # A fragment is never sent on the wire (RFC 3986 §3.5); one here would hide the
+        # rest of the bot's URL, our `body=` included, from the bot's URL parser.
+        return Reject(400, "bad_target", "The request target must not contain '#'.")
     path, query = _split_target(text)
     pairs, bot_query = _parse_query(query)
     not_found = Reject(404, "unknown_path", f"No WebSocket endpoint at {path!r}.")
@@ -361,8 +414,13 @@ def parse_bot_url(url: str) -> BotTarget:
 
 
 def bot_request_target(bot: BotTarget, client_query: str, extra_query: str = "") -> str:
-    """The bot's path, with the client's query (minus gateway keys) and ours appended."""
+    """The bot's path, with the client's query (minus gateway keys) and ours appended.
+
+    A client parameter the operator's bot URL itself sets is dropped (SPEC §8 rev 2): the
+    bot URL speaks for the operator, and a repeated `?mode=debug` must not override it.
+    """
     target = bot.path
+    client_query = without_params(client_query, query_keys(bot.path.partition("?")[2]))
     for q in (client_query, extra_query):
         if q:
             target += ("&" if "?" in target else "?") + q

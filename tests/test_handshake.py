@@ -29,6 +29,7 @@ from relay.handshake import (
     check_origin,
     check_route,
     check_upgrade,
+    param_names,
     parse_bot_url,
     render_error,
     route,
@@ -244,6 +245,85 @@ def test_bot_request_target_appends_client_query_to_bot_path() -> None:
     assert bot_request_target(with_query, "a=1") == "/bot?fixed=1&a=1"
     assert bot_request_target(with_query, "a=1", "body=eyJ9") == "/bot?fixed=1&a=1&body=eyJ9"
     assert bot_request_target(plain, "", "body=x") == "/bot?body=x"
+
+
+# --------------------------------------------------------------------------------------
+# The query, rev 2: `body` and the bot URL's own parameters speak for the gateway and the
+# operator; a client's copy of them never reaches the bot, however it is spelled
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spelling", [
+    "body=evil",
+    "body",                 # no value
+    "body=",                # empty value
+    "bod%79=evil",          # percent-encoded letter
+    "%62%6F%64%79=evil",    # all encoded
+    "bo%2564y=evil",        # encoded twice (a bot that decodes twice reads `body`)
+    "body+=evil",           # `+` is a space: `body ` to a parser that strips
+    "+body=evil",
+    "%20body%20=evil",
+    "Body=evil",            # frameworks that compare names case-insensitively
+    "BODY=evil",
+    "x=1;body=evil",        # `;` separates parameters for older parsers
+    "body;x=1",
+])
+def test_bot_query_drops_every_spelling_of_body(spelling: str) -> None:
+    r = route(f"/ws/generic/a.local?keep=1&{spelling}&also=2".encode())
+    assert isinstance(r, Route)
+    assert r.bot_query == "keep=1&also=2"
+    # the client's parameter is still visible to the gateway's own lookups (token etc.)
+    assert len(r.query_pairs) == 3
+
+
+@pytest.mark.parametrize("kept", ["bodyx=1", "nobody=1", "x=body", "b=1", "bod=1", "x=bo%64y"])
+def test_bot_query_keeps_names_that_only_look_like_body(kept: str) -> None:
+    r = route(f"/ws/generic/a.local?{kept}".encode())
+    assert isinstance(r, Route)
+    assert r.bot_query == kept
+
+
+@pytest.mark.parametrize("target", [
+    b"/ws/generic/a.local?x=1#body=evil",
+    b"/ws/generic/a.local#frag",
+    b"/ws/generic?serviceHost=a.local#",
+    b"/ws/generic/a.local/tok#en",
+])
+def test_fragment_in_request_target_is_400(target: bytes) -> None:
+    r = route(target)
+    assert isinstance(r, Reject)
+    assert (r.status, r.code) == (400, "bad_target")
+    assert "#" in r.detail
+    assert set(json.loads(r.body())) == {"error", "code", "detail"}
+
+
+def test_encoded_hash_is_not_a_fragment_and_passes_as_sent() -> None:
+    r = route(b"/ws/generic/a.local?x=%23y")
+    assert isinstance(r, Route)
+    assert r.bot_query == "x=%23y"
+
+
+def test_bot_request_target_drops_client_params_the_bot_url_sets() -> None:
+    bot = parse_bot_url("ws://h:9000/bot?mode=prod&lang=en&flag")
+    client = "mode=debug&m%6Fde=debug&MODE=x&lang=fr&flag=1&other=1&modes=1"
+    assert bot_request_target(bot, client) == "/bot?mode=prod&lang=en&flag&other=1&modes=1"
+    # the gateway's own body comes after, once
+    assert (bot_request_target(bot, client, "body=eyJ9")
+            == "/bot?mode=prod&lang=en&flag&other=1&modes=1&body=eyJ9")
+
+
+def test_bot_request_target_without_bot_query_keeps_client_params() -> None:
+    bot = parse_bot_url("ws://h:9000/bot")
+    assert bot_request_target(bot, "mode=debug&x=1") == "/bot?mode=debug&x=1"
+
+
+def test_param_names_is_bounded_on_deeply_encoded_names() -> None:
+    # Each round of decoding peels one layer; a name encoded 50 times costs 8 rounds.
+    name = "body"
+    for _ in range(50):
+        name = name.replace("%", "%25") if "%" in name else "%62ody"
+    names = param_names(name + "=1")
+    assert len(names) <= 8 * 3 * 2
 
 
 # --------------------------------------------------------------------------------------

@@ -205,6 +205,9 @@ REFUSALS = {
                                "unknown_service_host"),
     "serviceHost of another org": (upgrade("/ws/generic?serviceHost=up.elsewhere"), 404,
                                    "unknown_service_host"),
+    "fragment after the query": (upgrade("/ws/generic/up.local?x=1#body=e30"), 400,
+                                 "bad_target"),
+    "fragment after the path": (upgrade("/ws/generic/up.local#x"), 400, "bad_target"),
     "request with a body": (upgrade(content_length="5") + b"hello", 400,
                             "unexpected_body"),
     "request with a chunked body": (upgrade(transfer_encoding="chunked")

@@ -590,6 +590,88 @@ async def test_pipecat_cloud_body_is_percent_encoded_base64_query_and_daily_sess
         assert bot.received == ["hello", b"\x00\xff"]  # no relay.session frame
 
 
+CLIENT_BODY_SPELLINGS = ["body=e30", "bod%79=e30", "%62ody=e30", "bo%2564y=e30",
+                         "body+=e30", "Body=e30", "x=1;body=e30", "body"]
+
+
+def bot_params(bot: BotServer, index: int = 0) -> dict[str, list[str]]:
+    """The query of the bot's upgrade request as the bot's URL parser reads it."""
+    return parse_qs(urlsplit(bot.requests[index].path).query, keep_blank_values=True)
+
+
+async def test_default_protocol_client_body_never_reaches_the_bot_next_to_the_held_one() -> None:
+    """SPEC §8 rev 2: only the gateway puts `body` on the bot's URL, whatever the spelling."""
+    async with e2e() as (bot, gw):
+        assert gw.gateway.rt.config.agents["tok"].bot_protocol == "pipecat-cloud"  # default
+        answer = await start_ok(gw.api_port, "tok", {"transport": "websocket", "body": {"a": 1}})
+        query = "&".join(["lang=en", *CLIENT_BODY_SPELLINGS])
+        await relay_works(gw.url("tok", f"/{answer['token']}?{query}"))
+        params = bot_params(bot)
+        assert params["lang"] == ["en"]
+        assert params["body"] == [base64.b64encode(b'{"a":1}').decode()]  # the held one, once
+        assert set(params) == {"lang", "body"}, params  # none of the client's spellings
+        assert bot_header(bot, 0, "x-daily-session-id") == answer["sessionId"]
+        assert bot.received == ["hello", b"\x00\xff"]  # nothing injected into the stream
+
+
+async def test_default_protocol_client_body_dropped_when_there_is_no_held_body() -> None:
+    async with e2e() as (bot, gw):
+        query = "&".join(["keep=1", *CLIENT_BODY_SPELLINGS])
+        await relay_works(gw.url("open", f"?{query}"))
+        assert bot_params(bot) == {"keep": ["1"]}
+
+
+async def test_client_cannot_repeat_a_parameter_the_bot_url_sets() -> None:
+    async with bot_server() as bot, closed_port() as dead:
+        fixed = {"bot": bot.url + "?mode=prod&lang=en"}
+        async with running(e2e_config(bot.url, dead_port=dead, fixed=fixed)) as gw:
+            await relay_works(gw.url("fixed", "?mode=debug&m%6Fde=debug&lang=fr&own=1"))
+        assert bot_params(bot) == {"mode": ["prod"], "lang": ["en"], "own": ["1"]}
+        assert urlsplit(bot.requests[0].path).query == "mode=prod&lang=en&own=1"
+
+
+async def test_fragment_in_the_upgrade_target_is_400_and_no_bot_is_dialled() -> None:
+    async with e2e() as (bot, gw):
+        answer = await start_ok(gw.api_port, "tok", {"transport": "websocket", "body": {"a": 1}})
+        url = gw.url("tok", f"/{answer['token']}?x=1")
+        status, _, refusal = await rejected_raw_target(url + "#body=e30")
+        assert status == 400 and refusal["code"] == "bad_target"
+        assert set(refusal) == {"error", "code", "detail"}
+        assert bot.requests == []
+        # nothing lost: the token was not burned, the held body still reaches the bot
+        await relay_works(url)
+        assert bot_params(bot)["body"] == [base64.b64encode(b'{"a":1}').decode()]
+
+
+async def rejected_raw_target(url: str) -> tuple[int, dict[str, str], Any]:
+    """Like `rejected`, for a target h11 (and urlsplit) would not send: a raw '#'."""
+    base, _, fragment = url.partition("#")
+    parts = urlsplit(base)
+    target = parts.path + (f"?{parts.query}" if parts.query else "") + "#" + fragment
+    head = (f"GET {target} HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\n"
+            "connection: Upgrade\r\nsec-websocket-version: 13\r\n"
+            f"sec-websocket-key: {base64.b64encode(os.urandom(16)).decode()}\r\n\r\n")
+    with trio.fail_after(WAIT):
+        stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
+        async with stream:
+            await stream.send_all(head.encode())
+            conn = h11.Connection(h11.CLIENT)
+            conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+            conn.send(h11.EndOfMessage())
+            status, headers, chunks = 0, {}, []
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65_536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                    headers = {k.decode(): v.decode() for k, v in event.headers}
+                elif isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    return status, headers, json.loads(b"".join(chunks))
+
+
 async def test_pipecat_cloud_body_limit_4096_bytes_compact_json_at_start() -> None:
     async with e2e() as (_bot, gw):
         at_limit = {"p": "x" * (4096 - len('{"p":""}'))}
