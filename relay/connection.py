@@ -13,6 +13,9 @@ shielded and bounded. The order of checks before the upgrade is SPEC §5's:
 5. only then is the client's 101 sent, carrying the bot's subprotocol and extensions, so
    no early client frame can be lost.
 
+Provider endpoints (`/ws/twilio`, ...) share step 1, then follow their own order, since a
+provider speaks only after its 101 (provider_connection.py).
+
 The session timeout counts from the 101. `done` is set once the bot leg is closed and
 `on_client_disconnected` has fired: a newcomer waits on it before dialling its own bot.
 """
@@ -54,6 +57,7 @@ from .handshake import (
 )
 from .inprocess import InprocessLeg
 from .passthrough import Passthrough
+from .provider_connection import open_provider
 from .registry import CancellableMember
 from .runtime import Runtime, SessionInfo
 from .upstream import dial_bot, new_key
@@ -267,11 +271,15 @@ class ClientConnection(CancellableMember):
         # 1. routing, upgrade headers, Origin
         decision = decide(request.method, request.http_version, request.target,
                           list(request.headers), organization=server.organization,
-                          agents=rt.config.agents, cors_origins=server.cors_origins)
+                          agents=rt.config.agents, cors_origins=server.cors_origins,
+                          providers=True)
         if isinstance(decision, Reject):
             await self._refuse(decision)
             return None
         r, upgrade = decision.route, decision.upgrade
+        if r.provider is not None:  # /ws/{provider}: its own order (provider_connection.py)
+            opened = await open_provider(self, r, upgrade, list(request.headers), early)
+            return _Opened(*opened) if opened is not None else None
         agent = rt.config.agents[r.agent]
         # 2. token (verified and reserved: burned only once every check has passed)
         grant = await authenticate(rt, agent, r, list(request.headers))
@@ -311,7 +319,8 @@ class ClientConnection(CancellableMember):
         return _Opened(passthrough, info, agent)
 
     async def _dial(self, agent: AgentConfig, r: Route, upgrade: Upgrade, grant: Grant,
-                    early: bytes) -> Passthrough:
+                    early: bytes, *, client_accepted: bool = False) -> Passthrough:
+        """Open the bot leg; then the client's 101 (unless `client_accepted` already)."""
         rt = self.rt
         target = parse_bot_url(agent.bot)
         key = new_key()
@@ -325,6 +334,11 @@ class ClientConnection(CancellableMember):
             target, bot_request_target(target, r.bot_query, extra_query), headers, key,
             connect_timeout=agent.limits.bot_connect_timeout, ssl_context=rt.bot_ssl)
         rt.metrics.bot_dial(agent.name, trio.current_time() - started)
+        if client_accepted and (accepted.subprotocol or accepted.extensions):
+            # The client's 101 is gone, with neither: the bot cannot pick one now.
+            with trio.CancelScope(shield=True):
+                await bot_conn.aclose()
+            raise BotDialError(502, "the bot chose a subprotocol or extension nobody offered")
         passthrough = Passthrough(self.conn, bot_conn, agent.limits,
                                   client_initial=early, bot_initial=bot_early)
         try:
@@ -332,7 +346,8 @@ class ClientConnection(CancellableMember):
             if first is not None:
                 with trio.fail_after(agent.limits.stall_timeout):
                     await passthrough.send_first(encode_frame(OP_TEXT, first, mask=True))
-            if not await self._accept(accepted.subprotocol, accepted.extensions, upgrade.key):
+            if not client_accepted and not await self._accept(
+                    accepted.subprotocol, accepted.extensions, upgrade.key):
                 raise _ClientLeft
         except BaseException:
             with trio.CancelScope(shield=True):

@@ -27,6 +27,8 @@ from wsproto.utilities import generate_accept_token
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 WS_PREFIX = "/ws/generic"
+# Telephony provider endpoints `/ws/{provider}` (their opening messages: providers.py).
+PROVIDERS = ("twilio", "telnyx", "plivo", "exotel")
 # Query parameters that address the gateway itself and are never passed to the bot.
 GATEWAY_QUERY_KEYS = frozenset({"token", "serviceHost"})
 # Parameters only the gateway may set on the bot's URL: a client's own is dropped whatever
@@ -57,7 +59,11 @@ class Route:
     org: str
     path_token: str | None  # the `/{token}` path segment, when present (even empty)
     query_pairs: tuple[tuple[str, str], ...]  # decoded, for the token lookup
-    bot_query: str  # the client's raw query string without token/serviceHost
+    bot_query: str  # the client's raw query string without token/serviceHost/body
+    provider: str | None = None  # "twilio", ... on `/ws/{provider}`; None on the generic
+    # Twilio without ?serviceHost= or a path host: agent and org are empty until its
+    # `start` message names them (providers.resolve_route).
+    deferred: bool = False
 
 
 @attrs.frozen
@@ -176,8 +182,23 @@ def split_service_host(host: str) -> tuple[str, str] | None:
     return agent, org
 
 
-def route(target: bytes) -> Route | Reject:
-    """Map a request target to (agent, org, path token, query) or a 404."""
+def _endpoint(path: str) -> tuple[str, str | None] | None:
+    """(prefix, provider) of the endpoint `path` is under: generic or a provider's."""
+    if path == WS_PREFIX or path.startswith(WS_PREFIX + "/"):
+        return WS_PREFIX, None
+    for provider in PROVIDERS:
+        prefix = f"/ws/{provider}"
+        if path == prefix or path.startswith(prefix + "/"):
+            return prefix, provider
+    return None
+
+
+def route(target: bytes, *, providers: bool = True) -> Route | Reject:
+    """Map a request target to (agent, org, path token, query) or a 404.
+
+    `providers=False` (the message-level `Gateway.handle` path) refuses the provider
+    endpoints with a 404 saying where they are served.
+    """
     try:
         text = target.decode("ascii")
     except UnicodeDecodeError:
@@ -189,21 +210,32 @@ def route(target: bytes) -> Route | Reject:
     path, query = _split_target(text)
     pairs, bot_query = _parse_query(query)
     not_found = Reject(404, "unknown_path", f"No WebSocket endpoint at {path!r}.")
-    if path == WS_PREFIX or path == WS_PREFIX + "/":
+    endpoint = _endpoint(path)
+    if endpoint is None:
+        return not_found
+    prefix, provider = endpoint
+    if provider is not None and not providers:
+        return Reject(404, "provider_endpoint_unavailable",
+                      f"{prefix} is served by relay's own listener (relay serve, "
+                      "Gateway.serve), not through Gateway.handle.")
+    if path == prefix or path == prefix + "/":
         hosts = [v for k, v in pairs if k == "serviceHost"]
+        if not hosts and provider == "twilio":
+            # Twilio's stream URLs take no query: the `start` message routes it.
+            return Route("", "", None, pairs, bot_query, provider, deferred=True)
         if not hosts:
             return Reject(404, "unknown_service_host", "serviceHost is missing.")
         service_host = hosts[0]
         path_token: str | None = None
-    elif path.startswith(WS_PREFIX + "/"):
-        rest = path[len(WS_PREFIX) + 1 :].split("/")
+    elif path.startswith(prefix + "/"):
+        rest = path[len(prefix) + 1 :].split("/")
         if len(rest) == 1:
             service_host, path_token = rest[0], None
         elif len(rest) == 2:
             service_host, path_token = rest[0], unquote(rest[1])
         else:
             return not_found
-    else:
+    else:  # pragma: no cover - _endpoint() matched the prefix or prefix + "/"
         return not_found
     parts = split_service_host(unquote(service_host))
     if parts is None:
@@ -212,7 +244,7 @@ def route(target: bytes) -> Route | Reject:
             "unknown_service_host",
             f"{service_host!r} is not a service host of the form agent.organization.",
         )
-    return Route(parts[0], parts[1], path_token, pairs, bot_query)
+    return Route(parts[0], parts[1], path_token, pairs, bot_query, provider)
 
 
 def check_route(
@@ -333,18 +365,22 @@ def decide(
     cors_origins: tuple[str, ...],
     shutting_down: bool = False,
     over_capacity: bool = False,
+    providers: bool = False,
 ) -> Admit | Reject:
     """The handshake decision before the token check, in SPEC §5's order.
 
-    Both data-plane paths (our listener and `Gateway.handle`) ask this one function.
+    Both data-plane paths (our listener and `Gateway.handle`) ask this one function; only
+    our listener serves the provider endpoints (`providers=True`). A deferred provider
+    route (Twilio routed by its `start` message) skips the route check here: it runs
+    once the start has named the agent.
     """
     early = refuse_early(shutting_down=shutting_down, over_capacity=over_capacity)
     if early is not None:
         return early
-    r = route(target)
+    r = route(target, providers=providers)
     if isinstance(r, Reject):
         return r
-    bad = check_route(r, organization=organization, agents=agents)
+    bad = None if r.deferred else check_route(r, organization=organization, agents=agents)
     if bad is not None:
         return bad
     upgrade = check_upgrade(method, http_version, headers)

@@ -218,6 +218,21 @@ async def test_unknown_agent_or_path_is_404(path: str) -> None:
         (k.lower(), v) for k, v in rejection.headers]
 
 
+@pytest.mark.parametrize("path", ["/ws/twilio/a.local", "/ws/twilio",
+                                  "/ws/plivo?serviceHost=a.local"])
+async def test_provider_endpoints_are_refused_clearly_on_the_message_level_path(
+        path: str) -> None:
+    """Provider endpoints are served by relay's own listener only (README, Embedding)."""
+    async with bot_server() as bot, embedded(make_config(bot.url)) as app:
+        rejection = await refused(f"ws://127.0.0.1:{app.port}{path}")
+    assert rejection.status_code == 404
+    assert rejection.body is not None
+    body = json.loads(rejection.body)
+    assert body["code"] == "provider_endpoint_unavailable"
+    assert "Gateway.handle" in body["detail"]
+    assert bot.requests == []
+
+
 async def test_missing_token_is_403_and_no_bot_is_dialled() -> None:
     async with bot_server() as bot, embedded(make_config(bot.url, websocket_auth="token")
                                              ) as app:
