@@ -130,7 +130,8 @@ def _add_check_config(commands: argparse._SubParsersAction[argparse.ArgumentPars
     p = commands.add_parser(
         "check-config",
         help="validate a config file without starting anything",
-        description="Parse and validate FILE; print 'FILE: ok (N agents)' or the problem.",
+        description="Parse and validate FILE; print 'FILE: ok (N agents)' and a line per "
+        "agent (its bot, websocket_auth and bot_protocol), or the problem.",
     )
     p.add_argument("file", metavar="FILE", help="TOML config file")
     p.set_defaults(handler=_check_config)
@@ -145,7 +146,20 @@ def _check_config(args: argparse.Namespace) -> int:
     for warning in warnings:
         print(f"relay: warning: {warning}", file=sys.stderr)
     print(f"{args.file}: ok ({_agents_summary(config)})")
+    for line in _agent_lines(config):
+        print(line)
     return EXIT_OK
+
+
+def _agent_lines(config: Config) -> list[str]:
+    """One line per agent: its bot, its auth and how the held body reaches the bot."""
+    lines = []
+    for agent in config.agents.values():
+        how = ("in-process, body as session.body" if agent.bot.startswith("python:")
+               else f'bot_protocol "{agent.bot_protocol}"')
+        lines.append(f'  {agent.name}: {agent.bot} (websocket_auth "{agent.websocket_auth}", '
+                     f"{how})")
+    return lines
 
 
 def _agents_summary(config: Config) -> str:

@@ -4,7 +4,8 @@ A provider sends its opening messages (`connected`, `start`) only once it has it
 on these endpoints the order differs from the generic endpoint's, in this way:
 
 1. before the 101, what the URL says is decided with the generic endpoint's refusals:
-   routing (404) and, when the URL routes, the token (403, nothing burned);
+   routing (404) and, when the URL routes, the token (403, nothing burned; a valid one
+   is reserved, and given back if the connection ends before admission);
 2. the 101, carrying no subprotocol and no extension: the bot is not dialled yet, so
    nothing can be negotiated end to end (and providers offer none);
 3. the opening messages, read whole (`providers.OpeningReader`), bounded in size and by
@@ -21,7 +22,8 @@ on these endpoints the order differs from the generic endpoint's, in this way:
    "relay"), then the relay runs as on the generic endpoint.
 
 Admission comes after the opening messages on purpose: a connection that never proves
-to be a provider's stream never replaces a live session.
+to be a provider's stream never replaces a live session. A shutdown while the opening
+messages are read closes the provider with 1001, as every session.
 """
 
 from __future__ import annotations

@@ -55,14 +55,28 @@ def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     path = write(tmp_path, OWN_KEYS + GOOD)
     assert main(["check-config", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert out == f"{path}: ok (1 agent)\n"
+    assert out == (f"{path}: ok (1 agent)\n"
+                   '  a: ws://127.0.0.1:9000/ws (websocket_auth "none", '
+                   'bot_protocol "pipecat-cloud")\n')
     assert err == ""
 
 
 def test_check_config_counts_agents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, TWO_AGENTS)
     assert main(["check-config", str(path)]) == 0
-    assert capsys.readouterr().out == f"{path}: ok (2 agents)\n"
+    assert capsys.readouterr().out.splitlines()[0] == f"{path}: ok (2 agents)"
+
+
+def test_check_config_names_each_agents_bot_protocol(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The default protocol is pipecat-cloud; an operator sees which one each agent uses."""
+    path = write(tmp_path, GOOD + '[agents.r]\nbot = "ws://127.0.0.1:9001/"\n'
+                 'bot_protocol = "relay"\nwebsocket_auth = "token"\n')
+    assert main(["check-config", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        '  a: ws://127.0.0.1:9000/ws (websocket_auth "none", bot_protocol "pipecat-cloud")',
+        '  r: ws://127.0.0.1:9001/ (websocket_auth "token", bot_protocol "relay")',
+    ]
 
 
 def test_check_config_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -187,7 +201,10 @@ def test_python_m_relay_check_config(tmp_path: Path) -> None:
     result = run_module("check-config", str(good))
     assert (result.returncode, result.stdout, result.stderr) == (
         0,
-        f"{good}: ok (2 agents)\n",
+        f"{good}: ok (2 agents)\n"
+        '  a: ws://127.0.0.1:9000/ws (websocket_auth "none", bot_protocol "pipecat-cloud")\n'
+        '  b: python:relay.echo:echo_bot (websocket_auth "none", in-process, body as '
+        'session.body)\n',
         "",
     )
 
