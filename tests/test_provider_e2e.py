@@ -145,10 +145,10 @@ async def provider(port: int, target: str,
         ws = WSConnection(ConnectionType.CLIENT)
         await stream.send_all(ws.send(WsRequest(host="127.0.0.1", target=target,
                                                 extra_headers=headers or [])))
-        status, body, accepted = 0, b"", False
+        status, body, accepted, finished = 0, b"", False, False
         pending: list[Event] = []
         with trio.fail_after(WAIT):
-            while not accepted and not (status and body.endswith(b"}")):
+            while not accepted and not finished:
                 data = await stream.receive_some(65536)
                 assert data, "EOF before an answer to the upgrade"
                 ws.receive_data(data)
@@ -159,6 +159,7 @@ async def provider(port: int, target: str,
                         status = event.status_code
                     elif isinstance(event, RejectData):
                         body += event.data
+                        finished = event.body_finished
                     elif accepted:
                         pending.append(event)
         if accepted:
@@ -443,6 +444,26 @@ async def test_refused_opening_gives_the_url_token_back() -> None:
             assert isinstance(p, Provider)
             await p.send(wrong("twilio") + frame("hi"))
             assert [await p.message() for _ in range(3)][-1] == "hi"
+    assert len(bot.requests) == 1
+
+
+async def test_one_token_on_two_provider_connections_admits_one() -> None:
+    """The token is reserved before the 101: a second upgrade with it is 403 `replayed`
+    while the first is still reading its opening; once the first is refused, it is free."""
+    tok = token()
+    target = f"/ws/twilio/bot.local/{tok}"
+    async with bot_server() as bot, \
+            running(config(bot.url, websocket_auth="token")) as gw:
+        async with provider(gw.ws_port, target) as first:
+            assert isinstance(first, Provider)  # holding the token, opening not sent yet
+            async with provider(gw.ws_port, target) as second:
+                assert isinstance(second, Refusal)
+                assert (second.status, second.body["code"]) == (403, "replayed")
+            await refused_with_1008(first, wrong("telnyx"))
+        async with provider(gw.ws_port, target) as third:
+            assert isinstance(third, Provider)
+            await third.send(wrong("twilio"))
+            assert [await third.message() for _ in range(2)] == fixture("twilio")["opening"]
     assert len(bot.requests) == 1
 
 
