@@ -11,6 +11,7 @@ trio's fake clock; every other wait is bounded by WAIT and nothing sleeps.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ import pytest
 import trio
 import trio.testing
 from support import KEYS, BotServer, bot_server, make_config, running
+from support import http as support_http
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -341,6 +343,44 @@ async def test_path_token_on_a_provider_endpoint_twilio_function_flow() -> None:
         await p.send(frame("after"))
         assert [await p.message() for _ in range(3)] == [*opening, "after"]
     assert bot.received == [*opening, "after"]
+
+
+async def start_token(api_port: int, body: Any) -> dict[str, Any]:
+    """POST /start on the control plane (real HTTP) for agent "bot" with `body`."""
+    status, _, answer = await support_http(
+        "127.0.0.1", api_port, "POST", "/v1/public/bot/start",
+        [("authorization", "Bearer pk_p"), ("content-type", "application/json")],
+        json.dumps({"transport": "websocket", "body": body}).encode())
+    assert status == 200, answer
+    result: dict[str, Any] = json.loads(answer)
+    return result
+
+
+@pytest.mark.parametrize("protocol", ["pipecat-cloud", "relay"])
+async def test_held_body_reaches_the_bot_as_its_protocol_says(protocol: str) -> None:
+    """A /start token in the stream URL's path (the Twilio Function flow, with a body)."""
+    body = {"from": "+15550100"}
+    opening = fixture("twilio")["opening"]
+    async with bot_server() as bot:
+        cfg = make_config(bot.url, agent="bot", server={"public_keys": ["pk_p"]},
+                          websocket_auth="token", bot_protocol=protocol)
+        async with running(cfg) as gw:
+            answer = await start_token(gw.api_port, body)
+            async with provider(gw.ws_port, f"/ws/twilio/bot.local/{answer['token']}") as p:
+                assert isinstance(p, Provider)
+                await p.send(b"".join(frame(m) for m in opening))
+                echoed = [await p.message() for _ in range(len(opening))]
+    assert bot_headers(bot)[b"x-relay-session-id"] == answer["sessionId"].encode()
+    if protocol == "pipecat-cloud":
+        assert echoed == opening and bot.received == opening  # nothing injected
+        assert bot_query(bot)["body"] == [base64.b64encode(b'{"from":"+15550100"}').decode()]
+        assert bot_headers(bot)[b"x-daily-session-id"] == answer["sessionId"].encode()
+    else:
+        first = bot.received[0]
+        assert isinstance(first, str)
+        assert json.loads(first) == {"type": "relay.session", "sessionId": answer["sessionId"],
+                                     "agent": "bot", "body": body}
+        assert bot.received[1:] == opening
 
 
 async def test_in_process_bot_gets_the_opening_as_messages() -> None:
