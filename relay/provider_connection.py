@@ -123,7 +123,7 @@ async def _open(cc: ClientConnection, r: Route, upgrade: Upgrade,
         agent = rt.config.agents[resolved.agent]
         checked = await authenticate(rt, agent, resolved, headers)
         if isinstance(checked, Reject):
-            await _close_opening(cc, reader, Refused(f"token refused: {checked.code}"))
+            await _close_opening(cc, reader, _token_close(checked))
             return None
         held.grant = checked
     grant = held.grant
@@ -137,7 +137,7 @@ async def _open(cc: ClientConnection, r: Route, upgrade: Upgrade,
     cc._agent = agent.name
     consumed = await consume(rt, agent, grant)
     if isinstance(consumed, Reject):
-        await _close_opening(cc, reader, Refused(f"token refused: {consumed.code}"))
+        await _close_opening(cc, reader, _token_close(consumed))
         return None
     info = SessionInfo(id=consumed.session_id, agent=agent.name,
                        organization=server.organization, client_addr=cc.conn.peer())
@@ -158,6 +158,14 @@ async def _open(cc: ClientConnection, r: Route, upgrade: Upgrade,
         await _close_opening(cc, reader, BOT_UNREACHABLE if exc.status == 502 else BOT_TIMEOUT)
         return None
     return passthrough, info, agent
+
+
+def _token_close(reject: Reject) -> Refused | CloseCode:
+    """The close for a token refused after the 101: 1008 naming the refusal's code, or
+    1013 when the store could not answer (503 on the generic endpoint): try again."""
+    if reject.status == 503:
+        return (1013, f"try again later: {reject.code}")
+    return Refused(f"token refused: {reject.code}")
 
 
 async def _read_opening(cc: ClientConnection, reader: OpeningReader, early: bytes

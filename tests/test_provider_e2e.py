@@ -47,6 +47,7 @@ from relay.frames import (
     encode_frame,
     parse_close,
 )
+from relay.store import MemoryStore, StoreUnavailable
 from relay.tokens import mint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "providers"
@@ -505,6 +506,26 @@ async def test_one_token_on_two_provider_connections_admits_one() -> None:
             await third.send(wrong("twilio"))
             assert [await third.message() for _ in range(2)] == fixture("twilio")["opening"]
     assert len(bot.requests) == 1
+
+
+class _DownStore(MemoryStore):
+    """The store as a network store is while unreachable: every reservation fails."""
+
+    async def reserve(self, *args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("connection refused")
+
+
+async def test_store_down_when_the_start_names_the_token_is_1013() -> None:
+    """After the 101 a 503 cannot be sent: the provider is told to try again (1013)."""
+    opening = twilio_opening(_pipecatCloudServiceHost="bot.local", token=token())
+    async with bot_server() as bot, \
+            running(config(bot.url, websocket_auth="token")) as gw:
+        gw.gateway.rt.store = _DownStore()
+        async with provider(gw.ws_port, "/ws/twilio") as p:
+            assert isinstance(p, Provider)
+            await p.send(b"".join(frame(m) for m in opening))
+            assert await p.closed() == (1013, "try again later: store_unavailable")
+    assert bot.requests == []
 
 
 async def test_client_close_during_the_opening_is_answered_nothing_dialled() -> None:
