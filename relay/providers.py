@@ -14,7 +14,9 @@ messages, as each provider documents them:
             "call_sid", "account_sid", ...}, ...}
 
 The fields required here are the ones Pipecat's `parse_telephony_websocket` reads to
-recognise the provider, so whatever passes reaches the bot as a start it can parse.
+recognise the provider, so whatever passes reaches the bot as a start it can parse, and
+reads as this provider's: Pipecat tries the providers in a fixed order, so a start that
+also carries an earlier provider's fields is refused rather than misread.
 
 `OpeningReader` is fed the client's bytes after the 101 and answers, once it can: the
 opening (its parsed messages and every byte read, for the bot to get unchanged), a
@@ -250,7 +252,29 @@ def _check(provider: str, index: int, message: dict[str, Any]) -> str | None:
         params = start.get("customParameters")
         if params is not None and not isinstance(params, dict):
             return "start.customParameters is not an object"
+    reads_as = _reads_as(message)
+    if reads_as != provider:  # it also carries an earlier provider's fields
+        return f"the start message reads as a {reads_as} stream"
     return None
+
+
+def _reads_as(message: dict[str, Any]) -> str:
+    """The provider Pipecat's `parse_telephony_websocket` takes this start for.
+
+    It tries twilio, telnyx, plivo, exotel in that order and takes the first whose fields
+    are there; a start carrying another provider's fields besides its own would reach the
+    bot as that provider's, so it is refused rather than passed on to be misread.
+    """
+    start = message.get("start")
+    start = start if isinstance(start, dict) else {}
+    event = message.get("event")
+    if event == "start" and "streamSid" in start and "callSid" in start:
+        return "twilio"
+    if "stream_id" in message and "call_control_id" in start:
+        return "telnyx"
+    if "streamId" in start and "callId" in start:
+        return "plivo"
+    return "exotel"  # the last: what reaches here passed exotel's own check
 
 
 def resolve_route(route: Route, opening: Opening) -> Route | Refused:

@@ -180,6 +180,29 @@ def test_start_without_what_pipecat_needs_is_refused(provider: str, missing: tup
         f"not a {provider} stream: {reason}")
 
 
+@pytest.mark.parametrize(("provider", "extra", "reads_as"), [
+    ("exotel", {"streamSid": "MZ1", "callSid": "CA1"}, "twilio"),
+    ("exotel", {"streamId": "s", "callId": "c"}, "plivo"),
+    ("plivo", {"streamSid": "MZ1", "callSid": "CA1"}, "twilio"),
+])
+def test_start_that_pipecat_would_read_as_another_provider_is_refused(
+        provider: str, extra: dict[str, str], reads_as: str) -> None:
+    """Pipecat tries twilio, telnyx, plivo, exotel in turn: what matches an earlier one
+    would reach the bot as that provider's stream."""
+    messages = [json.loads(m) for m in fixture(provider)["opening"]]
+    messages[-1]["start"].update(extra)
+    assert refusal(provider, b"".join(text(m) for m in messages)) == (
+        f"not a {provider} stream: the start message reads as a {reads_as} stream")
+
+
+def test_telnyx_start_with_extra_twilio_looking_top_level_fields_passes() -> None:
+    """Only what Pipecat looks at decides: a top-level streamSid changes nothing."""
+    messages = [json.loads(m) for m in fixture("telnyx")["opening"]]
+    messages[-1]["streamSid"] = "MZ1"
+    assert isinstance(OpeningReader("telnyx").feed(b"".join(text(m) for m in messages)),
+                      Opening)
+
+
 def test_non_string_id_is_refused() -> None:
     start = json.loads(fixture("plivo")["opening"][0])
     start["start"]["callId"] = 12
