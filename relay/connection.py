@@ -60,7 +60,7 @@ from .passthrough import Passthrough
 from .provider_connection import open_provider
 from .registry import CancellableMember
 from .runtime import Runtime, SessionInfo
-from .upstream import dial_bot, new_key
+from .upstream import dial_bot, new_key, report_dial_failure
 from .wire import Conn
 
 log = logging.getLogger(__name__)
@@ -209,11 +209,14 @@ class ClientConnection(CancellableMember):
             return
         self._responded = True
         body = reject.body()
+        # One Connection header: we close after a refusal, and a 426 also names the
+        # Upgrade header it sends (RFC 9110 §7.8), so "Connection: Upgrade, close".
+        options = [v for k, v in reject.headers if k.lower() == b"connection"]
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-            *reject.headers,
+            (b"connection", b", ".join([*options, b"close"])),
+            *((k, v) for k, v in reject.headers if k.lower() != b"connection"),
         ]
         try:
             data = self._h.send(h11.Response(status_code=reject.status, headers=headers,
@@ -313,6 +316,7 @@ class ClientConnection(CancellableMember):
         except _ClientLeft:
             return None
         except BotDialError as exc:
+            report_dial_failure(rt.metrics, agent.name, agent.bot, exc, info.client_addr)
             await self._refuse(Reject(exc.status, "bad_gateway" if exc.status == 502
                                       else "gateway_timeout", exc.detail))
             return None

@@ -55,12 +55,20 @@ class HandshakeError(RelayError):
         super().__init__(f"{status} {code}: {detail}")
 
 
+#: Why a bot dial failed (the ``reason`` label of ``relay_bot_dial_failures_total``):
+#: nothing accepted the TCP connection, the TLS handshake failed, the bot answered
+#: anything but a valid 101 (or closed), or it did not answer within bot_connect_timeout.
+DIAL_FAILURE_REASONS = ("unreachable", "tls", "rejected", "timeout")
+
+
 class BotDialError(RelayError):
     """The bot could not be reached (502) or did not answer in time (504)."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, *, reason: str = "") -> None:
         assert status in (502, 504)
         self.status = status
         self.detail = detail
+        self.reason = reason or ("timeout" if status == 504 else "rejected")
+        assert self.reason in DIAL_FAILURE_REASONS
         super().__init__(f"{status}: {detail}")
 

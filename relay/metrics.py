@@ -14,7 +14,9 @@ Exposed names (all prefixed ``relay_``)::
     bytes_relayed_total{direction}         counter   payload bytes
     token_refusals_total{reason}           counter   relay.tokens reasons, plus "replayed"
     start_requests_total{status}           counter   /start answers by HTTP status
-    bot_dial_seconds{agent}                histogram time to open the bot leg
+    bot_dial_seconds{agent}                histogram time to open the bot leg (successful dials)
+    bot_dial_failures_total{agent,reason}  counter   dials that failed: unreachable | tls |
+                                                     rejected | timeout (the client got 502/504)
     store_full_total{bound}                counter   refusals (503 store_full) at a store bound:
                                                      sessions | body_bytes | markers
 """
@@ -31,6 +33,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from .errors import DIAL_FAILURE_REASONS
 
 __all__ = ["DIRECTIONS", "Metrics"]
 
@@ -86,6 +90,12 @@ class Metrics:
             buckets=_DIAL_BUCKETS,
             registry=r,
         )
+        self._dial_failures = Counter(
+            "relay_bot_dial_failures",
+            "Bot dials that failed (the client got 502 or 504), by reason",
+            ["agent", "reason"],
+            registry=r,
+        )
         self._store_full = Counter(
             "relay_store_full",
             "Requests refused with 503 store_full, by the store bound reached",
@@ -121,6 +131,11 @@ class Metrics:
 
     def bot_dial(self, agent: str, seconds: float) -> None:
         self._dial.labels(agent).observe(seconds)
+
+    def bot_dial_failed(self, agent: str, reason: str) -> None:
+        if reason not in DIAL_FAILURE_REASONS:
+            raise ValueError(f"reason must be one of {DIAL_FAILURE_REASONS}, not {reason!r}")
+        self._dial_failures.labels(agent, reason).inc()
 
     def store_full(self, bound: str) -> None:
         self._store_full.labels(bound).inc()

@@ -9,18 +9,39 @@ anything but a valid 101; 504 when it does not answer within `bot_connect_timeou
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import socket
 import ssl
+from urllib.parse import urlsplit, urlunsplit
 
 import h11
 import trio
 
 from .errors import BotDialError
 from .handshake import BotAccepted, BotTarget, Headers, check_bot_response
+from .metrics import Metrics
 from .wire import Conn, SocketConn, StreamConn
 
+log = logging.getLogger(__name__)
+
 MAX_RESPONSE_HEAD = 16384  # bytes: a bot's 101 is a few hundred; more is a broken bot
+
+
+def bot_url_for_logs(url: str) -> str:
+    """The bot URL without user info or query string (either may hold a credential)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def report_dial_failure(metrics: Metrics, agent: str, bot_url: str, exc: BotDialError,
+                        client_addr: str) -> None:
+    """A dial that failed is the bot's fault, not the client's: count it and warn."""
+    metrics.bot_dial_failed(agent, exc.reason)
+    log.warning("agent %r: bot %s %s (%s); client %s refused with %d",
+                agent, bot_url_for_logs(bot_url), exc.reason, exc.detail, client_addr,
+                exc.status)
 
 
 def new_key() -> bytes:
@@ -33,7 +54,7 @@ async def open_tcp_to_bot(target: BotTarget) -> trio.SocketStream:
         return await trio.open_tcp_stream(target.host, target.port)
     except OSError as exc:
         raise BotDialError(502, f"cannot connect to the bot at {target.host}:{target.port}: "
-                                f"{exc.strerror or exc}") from exc
+                                f"{exc.strerror or exc}", reason="unreachable") from exc
 
 
 async def _connect(target: BotTarget, ssl_context: ssl.SSLContext | None) -> Conn:
@@ -46,7 +67,8 @@ async def _connect(target: BotTarget, ssl_context: ssl.SSLContext | None) -> Con
             await tls.do_handshake()
         except (trio.BrokenResourceError, ssl.SSLError) as exc:
             await trio.aclose_forcefully(tls)
-            raise BotDialError(502, f"TLS handshake with the bot failed: {exc}") from exc
+            raise BotDialError(502, f"TLS handshake with the bot failed: {exc}",
+                               reason="tls") from exc
         return StreamConn(tls, peer=target.host)
     # Take the plain socket out of trio's stream for the fast path (see wire.py).
     fd = stream.socket.detach()

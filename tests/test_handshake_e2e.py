@@ -412,3 +412,20 @@ async def test_connections_over_max_connections_get_503_and_the_server_recovers(
             while gw.gateway.rt.open_connections:
                 await trio.lowlevel.checkpoint()
             assert await raw_upgrade_status(gw.ws_port, "/ws/generic/a.local") == 101
+
+
+async def test_plain_get_is_426_with_one_consistent_connection_header() -> None:
+    """A browser's plain GET to a WebSocket path: 426 naming the Upgrade it needs, and one
+    Connection header saying both that Upgrade is hop-by-hop and that we close."""
+    async with gateway_and_bot() as env:
+        request = b"GET /ws/generic/up.local HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+        answer = await exchange(env.gw.ws_port, request)
+        assert_refused(answer, 426, "not_websocket")
+        head = answer.raw.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]
+        connection = [line.partition(b":")[2] for line in head
+                      if line.lower().startswith(b"connection:")]
+        assert len(connection) == 1, head
+        assert {t.strip().lower() for t in connection[0].split(b",")} == {b"upgrade", b"close"}
+        assert [line for line in head if line.lower().startswith(b"upgrade:")] == [
+            b"upgrade: websocket"]
+        await assert_still_serving(env)
