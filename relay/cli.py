@@ -1,15 +1,22 @@
 """The ``relay`` command line: argument parsing, logging setup and exit statuses.
 
-    relay serve [--config FILE] [--log-level LEVEL]   run the gateway (embedded default
+    relay serve [--config FILE] [--log-level LEVEL] [--app-dir DIR]
+                                                      run the gateway (embedded default
                                                       without --config)
-    relay check-config FILE                           validate a config file, bind nothing
+    relay check-config FILE [--app-dir DIR]           run serve's checks, bind nothing
     relay mint-token AGENT [--config FILE] [--url]    print a one-time token and wsUrl
+    relay --version
 
 Exit statuses: 0 success; 2 for a usage error, a bad or missing config file, an address
-that cannot be bound, or a bind outside loopback without safe keys (``relay.exposure``:
-both ``serve`` and ``check-config`` run that check). ``serve`` loads and validates the
-whole config before it imports the server, so a bad config never binds anything. Errors
-go to stderr as ``relay: <file>: <key>: <problem>``.
+that cannot be bound, or a bind outside loopback without safe keys (docs/reference.md,
+"Configuration"). ``serve`` and ``check-config`` run the same preflight (`_preflight`:
+the config, the exposure rules of ``relay.exposure``, then ``relay.preflight.prepare``:
+store, key ring, ``python:`` bots, TLS files) before anything is bound. Errors go to stderr
+as ``relay: <file>: <key>: <problem>``.
+
+In-process bots are imported as uvicorn imports apps: ``--app-dir`` (default: the working
+directory) is put first on ``sys.path``, so ``bot = "python:mybot:bot"`` finds ``mybot.py``
+next to where ``relay serve`` runs.
 
 This module owns no gateway logic: ``serve`` hands the validated ``Config`` to
 ``relay.server.run_gateway``, which blocks until shutdown and returns the exit status.
@@ -60,11 +67,46 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="relay",
         description="Self-hosted WebSocket gateway for real-time voice and media bots.",
     )
+    parser.add_argument("--version", action="version", version=f"relay {_version()}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_serve(commands)
     _add_check_config(commands)
     _add_mint_token(commands)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("relay")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+REFERENCE = "docs/reference.md"
+
+
+def _add_app_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--app-dir", metavar="DIR", default=".",
+                   help="directory put first on the import path for python: bots "
+                   "(default: the working directory)")
+
+
+def _preflight(config: Config, app_dir: str) -> tuple[list[str], list[str]]:
+    """Every check serve runs before it binds; raises ConfigError.
+
+    Shared by ``serve`` and ``check-config``: a config check-config calls ok is one serve
+    starts with (apart from binding the addresses). Returns the warnings: those serve logs
+    itself (exposure), and those the Gateway logs when it starts (the key ring).
+    """
+    from relay.preflight import prepare
+
+    exposure = check_exposure(config, os.environ)
+    path = os.path.abspath(app_dir)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return exposure, list(prepare(config, os.environ).warnings)
 
 
 # --------------------------------------------------------------------------------------
@@ -79,7 +121,8 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Run the gateway. Without --config, runs the embedded default: one "
         "auth-none agent 'echo' at ws://127.0.0.1:8700/ws/generic/echo.local.",
     )
-    p.add_argument("--config", metavar="FILE", help="TOML config file (see SPEC §2)")
+    p.add_argument("--config", metavar="FILE",
+                   help=f"TOML config file (every key: {REFERENCE}, \"Configuration\")")
     p.add_argument(
         "--log-level",
         choices=LOG_LEVELS,
@@ -87,6 +130,7 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=str.lower,
         help="log to stderr at this level and above (default: info)",
     )
+    _add_app_dir(p)
     p.set_defaults(handler=_serve)
 
 
@@ -94,7 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
     try:
         config = load_config(args.config) if args.config else default_config()
-        warnings = check_exposure(config, os.environ)
+        warnings, _ = _preflight(config, args.app_dir)  # the Gateway logs the rest itself
     except ConfigError as exc:
         return _fail(exc)
     if not args.config:
@@ -129,18 +173,23 @@ def _configure_logging(level: str) -> None:
 def _add_check_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser(
         "check-config",
-        help="validate a config file without starting anything",
-        description="Parse and validate FILE; print 'FILE: ok (N agents)' and a line per "
-        "agent (its bot, websocket_auth and bot_protocol), or the problem.",
+        help="run every check serve runs, without binding anything",
+        description="Parse and validate FILE, then run the checks serve runs before it "
+        "binds (exposure rules, python: bots import, the store backend, the key ring in "
+        "secret_env, TLS files); print 'FILE: ok (N agents)' and a line per agent (its "
+        "bot, websocket_auth and bot_protocol), or the problem. Only whether the addresses "
+        "can be bound is left to serve.",
     )
     p.add_argument("file", metavar="FILE", help="TOML config file")
+    _add_app_dir(p)
     p.set_defaults(handler=_check_config)
 
 
 def _check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
-        warnings = check_exposure(config, os.environ)
+        exposure, at_start = _preflight(config, args.app_dir)
+        warnings = [*exposure, *at_start]
     except ConfigError as exc:
         return _fail(exc)
     for warning in warnings:
@@ -206,8 +255,9 @@ def _mint_token(args: argparse.Namespace) -> int:
     var = config.server.secret_env
     value = os.environ.get(var, "")
     if not value.strip():
-        return _fail(ConfigError("is not set: the server would not accept a token signed "
-                                 "with any other key", key=f"environment variable {var}"))
+        return _fail(ConfigError(f"environment variable {var} is not set: mint-token signs "
+                                 "with the key the server verifies, which it reads from "
+                                 f"{var} ([server] secret_env)"))
     try:
         keys = KeyRing.parse(value)
     except ValueError as exc:

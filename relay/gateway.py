@@ -31,11 +31,11 @@ from .connection import ClientConnection
 from .control import ControlState, make_control_app
 from .control_server import serve_control
 from .errors import BindError, ConfigError
-from .inprocess import BotFunction, load_bot
 from .metrics import Metrics
+from .preflight import prepare
 from .runtime import Callback, Events, Runtime
 from .store import MemoryStore
-from .tokens import KeyRing, keyring_from_env
+from .tokens import KeyRing
 from .wire import Conn, SocketConn, StreamConn, configure_socket, peer_address
 
 log = logging.getLogger(__name__)
@@ -76,19 +76,6 @@ def bind_listener(bind: Bind) -> socket.socket:
     return sock
 
 
-def _server_ssl(config: Config) -> ssl.SSLContext | None:
-    if not config.tls:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        ctx.load_cert_chain(config.server.certfile, config.server.keyfile)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load TLS certificate/key: {exc}", key="server.certfile",
-                          file=config.source) from exc
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
-
-
 def startup_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one startup error inside a nursery's exception group, else the group itself.
 
@@ -127,27 +114,12 @@ class Gateway:
         bot_ssl: ssl.SSLContext | None = None,
         environ: dict[str, str] | None = None,
     ) -> None:
-        if config.store.backend != "memory":
-            # Several instances sharing Redis is a later milestone: refuse rather than
-            # silently run a per-process store that would accept replays across instances.
-            raise ConfigError(f"backend {config.store.backend!r} is not available in this "
-                              "version of relay; use \"memory\"", key="store.backend",
-                              file=config.source)
-        if keys is None:
-            keys, warning = keyring_from_env(environ if environ is not None else os.environ,
-                                             config.server.secret_env,
-                                             backend=config.store.backend)
-            if warning:
-                log.warning("%s", warning)
+        # Every check that needs more than the config file, shared with check-config.
+        prepared = prepare(config, environ if environ is not None else os.environ, keys=keys)
+        for warning in prepared.warnings:
+            log.warning("%s", warning)
+        keys = prepared.keys
         metrics = Metrics()
-        bots: dict[str, BotFunction] = {}
-        for name, agent in config.agents.items():
-            if agent.bot.startswith("python:"):
-                try:
-                    bots[name] = load_bot(agent.bot)
-                except ConfigError as exc:
-                    raise ConfigError(exc.problem, key=f"agents.{name}.bot",
-                                      file=config.source) from None
         self.config = config
         self.rt = Runtime(
             config=config,
@@ -156,9 +128,9 @@ class Gateway:
             metrics=metrics,
             keys=keys,
             store=MemoryStore(),
-            bots=bots,
+            bots=prepared.bots,
             wall_clock=wall_clock,
-            client_ssl=_server_ssl(config),
+            client_ssl=prepared.client_ssl,
             bot_ssl=bot_ssl,
         )
         self.control_app = make_control_app(ControlState(

@@ -40,6 +40,13 @@ def restore_logging() -> Iterator[None]:
     root.setLevel(level)
 
 
+@pytest.fixture(autouse=True)
+def key_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key ring in the environment: check-config runs serve's checks, and without one it
+    prints serve's random-key warning (tested in test_preflight.py)."""
+    monkeypatch.setenv("RELAY_SECRET", "k1:cli-test-secret")
+
+
 @pytest.fixture
 def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make any import of relay.server fail: a refused config must never get that far."""
