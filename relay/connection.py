@@ -149,10 +149,9 @@ class ClientConnection(CancellableMember):
     def flush_counts(self) -> None:
         """Add what was relayed since the last flush to the metrics (a batch, not a message)."""
         leg = self._leg
-        if not isinstance(leg, Passthrough):
+        if leg is None:
             return
-        c, b = leg.client.scanner, leg.bot.scanner
-        counts = (c.messages, c.data_bytes, b.messages, b.data_bytes)
+        counts = leg.relayed()
         last = self._flushed
         if counts != last:
             self.rt.metrics.relayed("client_to_bot", counts[0] - last[0], counts[1] - last[1])

@@ -555,6 +555,7 @@ class InprocessAdapter(BotHost, _Leg):
         self.ws = ws
         self.agent = agent
         self.info = info
+        self.counts = {"client_to_bot": [0, 0], "bot_to_client": [0, 0]}
 
     async def send_event(self, event: Event) -> None:
         if self._client_left or self.ws.closed is not None:
@@ -565,6 +566,9 @@ class InprocessAdapter(BotHost, _Leg):
         try:
             with trio.fail_after(self.limits.stall_timeout):
                 await self.ws.send_message(data)
+            counts = self.counts["bot_to_client"]
+            counts[0] += 1
+            counts[1] += _size(data)
         except ConnectionClosed:
             self._client_left = True
             raise ClientDisconnected("the client has left") from None
@@ -597,6 +601,9 @@ class InprocessAdapter(BotHost, _Leg):
             if _too_big(message, limit):
                 self.end(closing.client_violation(1009, f"message exceeds {limit} bytes"))
                 return
+            counts = self.counts["client_to_bot"]
+            counts[0] += 1
+            counts[1] += _size(message)
             try:
                 await self.inbox_send.send(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -605,3 +612,5 @@ class InprocessAdapter(BotHost, _Leg):
     async def close(self, outcome: Outcome) -> None:
         if not self._client_left and outcome.to_client is not None:
             await close_ws(self.ws, outcome.to_client, self.limits.close_timeout)
+
+    flush_counts = UpstreamRelay.flush_counts

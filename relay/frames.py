@@ -171,6 +171,7 @@ class FrameScanner:
         "_remaining",
         "_resume",
         "data_bytes",
+        "header_bytes",
         "messages",
     )
 
@@ -194,6 +195,9 @@ class FrameScanner:
         self.messages = 0
         #: bytes of data-frame pieces returned so far (headers + payload)
         self.data_bytes = 0
+        #: of those, the bytes of data-frame headers (with masking keys): the payload
+        #: relayed is data_bytes - header_bytes
+        self.header_bytes = 0
 
     @property
     def failed(self) -> bool:
@@ -341,6 +345,7 @@ class FrameScanner:
             else:
                 out.append(buf[:hl])
                 self.data_bytes += hl
+                self.header_bytes += hl
                 self._remaining = ln
 
         # 2. Finish a data frame's payload, or a control frame, left open by earlier chunks.
@@ -378,6 +383,7 @@ class FrameScanner:
         limit = self._max
         in_message = self._in_message
         fast = 0  # messages accepted inline, added to self.messages on the way out
+        hdrs = 0  # data-frame header bytes accepted, added to self.header_bytes likewise
         try:
             while True:
                 avail = n - pos
@@ -444,13 +450,16 @@ class FrameScanner:
                     out.append(frame)
                     pos = run = end
                 elif end > n:  # payload continues in later chunks
+                    hdrs += hl
                     self._remaining = end - n
                     pos = n
                     break
                 else:
+                    hdrs += hl
                     pos = end
         finally:
             self.messages += fast
+            self.header_bytes += hdrs
 
         if run < pos:
             out.append(data[run:pos])

@@ -39,6 +39,7 @@ from . import closing
 from .closing import Outcome
 from .config import Limits
 from .errors import ConfigError
+from .frames import MAX_FRAME_PAYLOAD, FrameScanner
 from .wire import Conn, ConnectionLost, Stalled
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,22 @@ class InprocessLeg(BotHost):
         self._send_lock = trio.Lock()
         self._close_received = False
         self._pong: tuple[bytes, trio.Event] | None = None
+        # Relayed counts, as the passthrough path keeps them: the client's bytes go through
+        # a frame scanner too (it only counts; wsproto decides), the bot's are counted as sent.
+        self._scanner = FrameScanner(masked=True, max_message_size=MAX_FRAME_PAYLOAD)
+        self._count_in(initial)
+        self._sent_messages = 0
+        self._sent_bytes = 0
+
+    def relayed(self) -> tuple[int, int, int, int]:
+        """Messages and payload bytes so far: client→bot, then bot→client."""
+        s = self._scanner
+        return (s.messages, s.data_bytes - s.header_bytes,
+                self._sent_messages, self._sent_bytes)
+
+    def _count_in(self, data: bytes | memoryview) -> None:
+        if data and not self._scanner.failed:
+            self._scanner.feed(memoryview(data))
 
     # -- writing -------------------------------------------------------------------------
 
@@ -200,6 +217,9 @@ class InprocessLeg(BotHost):
                 raise ClientDisconnected(str(exc)) from exc
             try:
                 await self.conn.send_all(data, self.limits.stall_timeout)
+                if isinstance(event, TextMessage | BytesMessage):
+                    self._sent_messages += 1
+                    self._sent_bytes += _payload_size(len(data))
             except ConnectionLost:
                 self._client_left = True
                 self.end(closing.CLIENT_GONE)
@@ -275,6 +295,7 @@ class InprocessLeg(BotHost):
                 self.ws.receive_data(None)
                 self._client_gone(closing.CLIENT_GONE)
                 return
+            self._count_in(memoryview(buf)[:n])
             self.ws.receive_data(bytes(buf[:n]))
 
     async def _keepalive(self) -> None:
@@ -319,3 +340,13 @@ class InprocessLeg(BotHost):
             for event in self.ws.events():
                 if isinstance(event, CloseConnection):
                     return
+
+
+def _payload_size(frame_size: int) -> int:
+    """The payload of one unmasked, uncompressed frame of frame_size bytes (RFC 6455 §5.2:
+    the header is 2 bytes, 4 from 126 payload bytes, 10 from 65536)."""
+    if frame_size - 2 < 126:
+        return frame_size - 2
+    if frame_size - 4 < 65536:
+        return frame_size - 4
+    return frame_size - 10

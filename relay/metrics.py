@@ -11,7 +11,12 @@ Exposed names (all prefixed ``relay_``)::
     sessions_started_total{agent}          counter
     sessions_ended_total{agent,reason}     counter
     messages_relayed_total{direction}      counter   direction: client_to_bot | bot_to_client
-    bytes_relayed_total{direction}         counter   payload bytes
+    bytes_relayed_total{direction}         counter   payload bytes of data messages as on the
+                                                     wire (no frame headers or masking keys;
+                                                     compressed size under permessage-deflate)
+
+Relayed messages and bytes are counted on every path: upstream and in-process bots on
+relay's own listener, and sessions served through ``Gateway.handle()``.
     token_refusals_total{reason}           counter   relay.tokens reasons, plus "replayed"
     start_requests_total{status}           counter   /start answers by HTTP status
     bot_dial_seconds{agent}                histogram time to open the bot leg (successful dials)
@@ -70,7 +75,7 @@ class Metrics:
         )
         self._bytes = Counter(
             "relay_bytes_relayed",
-            "Payload bytes relayed, by direction",
+            "Payload bytes of relayed data messages (no frame headers or masks), by direction",
             ["direction"],
             registry=r,
         )

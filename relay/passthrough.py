@@ -71,6 +71,15 @@ class Passthrough:
         self._nursery: trio.Nursery | None = None
         self._pumps_done = 0
 
+    def relayed(self) -> tuple[int, int, int, int]:
+        """Messages and payload bytes relayed so far: client→bot, then bot→client.
+
+        Read from the frame scanners, which count as they walk headers; the metrics add
+        them in batches (connection.py), never per message."""
+        c, b = self.client.scanner, self.bot.scanner
+        return (c.messages, c.data_bytes - c.header_bytes,
+                b.messages, b.data_bytes - b.header_bytes)
+
     def end(self, outcome: Outcome) -> None:
         """Record why the session ends (first reason wins) and stop the relay."""
         if self.outcome is None:
