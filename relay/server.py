@@ -1,8 +1,9 @@
 """`relay serve`: run a Gateway until SIGINT/SIGTERM, then shut down gracefully.
 
-On a signal the gateway stops accepting, closes every session with 1001 and stops both
-planes; the process exits 0 within close_timeout + 1 s (SPEC §8). A bind that cannot be
-opened raises BindError before anything is served (the CLI turns it into exit status 2).
+Once both planes listen it prints one line, "relay ready: ...", on stdout. On a signal the
+gateway stops accepting, closes every session with 1001 and stops both planes; the process
+exits 0 within close_timeout + 1 s (docs/reference.md). A bind that cannot be opened raises
+BindError before anything is served (the CLI turns it into exit status 2).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 import trio
 
 from .config import Config
-from .gateway import Gateway, startup_error
+from .gateway import Gateway, Ports, startup_error
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ GC_THRESHOLDS = (100_000, 50, 100)  # allocations before a gen-0 collection, the
 async def serve_until_signal(gateway: Gateway) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(gateway.serve)
+            ports = await nursery.start(gateway.serve)
+            print(ready_line(ports, tls=gateway.config.tls), flush=True)
 
             async def wait_for_signal() -> None:
                 async for signum in signals:
@@ -34,6 +36,17 @@ async def serve_until_signal(gateway: Gateway) -> None:
                     return
 
             nursery.start_soon(wait_for_signal)
+
+
+def _url(scheme: str, host: str, port: int) -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def ready_line(ports: Ports, *, tls: bool) -> str:
+    """What `relay serve` prints on stdout once both planes listen (scripts wait for it)."""
+    ws = ", ".join(_url("wss" if tls else "ws", h, p) for h, p in ports.ws)
+    api = ", ".join(_url("https" if tls else "http", h, p) for h, p in ports.api)
+    return f"relay ready: WebSocket {ws}; HTTP {api} (/start, /health, /metrics)"
 
 
 def run_gateway(config: Config) -> int:
