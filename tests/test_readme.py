@@ -204,6 +204,13 @@ def test_readme_runs_as_written_on_a_fresh_copy(tmp_path: Path) -> None:
                 for text in wanted:
                     assert text in out, f"{text!r} not printed: {where}"
     print("README blocks:", "; ".join(timings))
+    # scripts/serve installed what serving needs, not the dev tools.
+    probe = subprocess.run(
+        [str(copy / ".venv" / "bin" / "python"), "-c",
+         "import importlib.util as u; print([m for m in ('pytest', 'hypothesis', 'mypy', "
+         "'ruff', 'trustme') if u.find_spec(m)], bool(u.find_spec('relay')))"],
+        capture_output=True, text=True, timeout=60, check=True, cwd=scratch, env=env)
+    assert probe.stdout.strip() == "[] True", probe.stdout
 
 
 # -- the docs stand alone and link each other ---------------------------------------------
