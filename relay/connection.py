@@ -60,7 +60,7 @@ from .passthrough import Passthrough
 from .provider_connection import open_provider
 from .registry import CancellableMember
 from .runtime import Runtime, SessionInfo
-from .upstream import dial_bot, new_key, report_dial_failure
+from .upstream import dial_bot, new_key
 from .wire import Conn
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ class ClientConnection(CancellableMember):
         except _ClientLeft:
             return None
         except BotDialError as exc:
-            report_dial_failure(rt.metrics, agent.name, agent.bot, exc, info.client_addr)
+            rt.dial_failures.report(agent.name, agent.bot, exc, info.client_addr)
             await self._refuse(Reject(exc.status, "bad_gateway" if exc.status == 502
                                       else "gateway_timeout", exc.detail))
             return None

@@ -67,7 +67,7 @@ from .handshake import (
 from .inprocess import BotFunction, BotHost, ClientDisconnected
 from .registry import CancellableMember
 from .runtime import Runtime, SessionInfo
-from .upstream import open_tcp_to_bot, report_dial_failure
+from .upstream import open_tcp_to_bot
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,8 @@ class EmbeddedConnection(CancellableMember):
             dial_error = exc
         if dial_error is not None:
             if self._agent is not None:
-                report_dial_failure(self.rt.metrics, self._agent,
-                                    self.rt.config.agents[self._agent].bot, dial_error, self.peer)
+                self.rt.dial_failures.report(self._agent, self.rt.config.agents[self._agent].bot,
+                                             dial_error, self.peer)
             await self._reject(Reject(dial_error.status, "bad_gateway"
                                       if dial_error.status == 502 else "gateway_timeout",
                                       dial_error.detail))

@@ -23,6 +23,7 @@ from .metrics import Metrics
 from .registry import Registry
 from .store import MemoryStore
 from .tokens import KeyRing
+from .upstream import DialFailures
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +76,5 @@ class Runtime:
     bot_ssl: ssl.SSLContext | None = None  # trust for wss:// bots (None: system default)
     open_connections: int = 0
     shutting_down: bool = False
+    dial_failures: DialFailures = attrs.field(
+        default=attrs.Factory(lambda rt: DialFailures(rt.metrics), takes_self=True))

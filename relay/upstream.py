@@ -35,13 +35,36 @@ def bot_url_for_logs(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def report_dial_failure(metrics: Metrics, agent: str, bot_url: str, exc: BotDialError,
-                        client_addr: str) -> None:
-    """A dial that failed is the bot's fault, not the client's: count it and warn."""
-    metrics.bot_dial_failed(agent, exc.reason)
-    log.warning("agent %r: bot %s %s (%s); client %s refused with %d",
-                agent, bot_url_for_logs(bot_url), exc.reason, exc.detail, client_addr,
-                exc.status)
+DIAL_WARNING_INTERVAL = 10.0  # seconds: at most one WARNING per agent and reason this often
+
+
+class DialFailures:
+    """Failed dials are the bot's fault, not the client's: each is counted, and logged at
+    WARNING with the agent, the bot URL and the reason.
+
+    Any client of an auth-none agent can make the gateway dial a dead bot once per
+    connection, so the log is bounded: per (agent, reason), at most one line every
+    DIAL_WARNING_INTERVAL seconds, saying how many were not logged since. The metric counts
+    every one. Memory is bounded too: agents are configured, reasons a fixed set.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}  # -> (logged at, unlogged)
+
+    def report(self, agent: str, bot_url: str, exc: BotDialError, client_addr: str) -> None:
+        self.metrics.bot_dial_failed(agent, exc.reason)
+        now = trio.current_time()
+        key = (agent, exc.reason)
+        last = self._last.get(key)
+        if last is not None and now - last[0] < DIAL_WARNING_INTERVAL:
+            self._last[key] = (last[0], last[1] + 1)
+            return
+        self._last[key] = (now, 0)
+        more = f" ({last[1]} more since the last report)" if last and last[1] else ""
+        log.warning("agent %r: bot %s %s (%s); client %s refused with %d%s",
+                    agent, bot_url_for_logs(bot_url), exc.reason, exc.detail, client_addr,
+                    exc.status, more)
 
 
 def new_key() -> bytes:

@@ -25,7 +25,7 @@ from relay.config import Config
 from relay.errors import BotDialError
 from relay.gateway import Gateway
 from relay.metrics import Metrics
-from relay.upstream import bot_url_for_logs
+from relay.upstream import DIAL_WARNING_INTERVAL, bot_url_for_logs
 
 WAIT = 10  # seconds: bound on each exchange that does not advance the fake clock
 
@@ -81,7 +81,7 @@ async def test_unreachable_bot_is_logged_and_counted(
             assert await raw_upgrade_status(ws_port, "/ws/generic/down.local") == 502
         assert dial_failures(gateway.metrics) == {("down", "unreachable"): 2}
     records = warnings_from(caplog)
-    assert len(records) == 2
+    assert len(records) == 1  # the second within DIAL_WARNING_INTERVAL: counted, not logged
     text = records[0].getMessage()
     assert "'down'" in text and f"ws://127.0.0.1:{port}/bot" in text
     assert "unreachable" in text and "502" in text
@@ -142,6 +142,23 @@ async def test_a_client_refusal_is_not_a_dial_failure(
             assert await raw_upgrade_status(gw.ws_port, "/ws/generic/zz.local") == 404
         assert dial_failures(gw.gateway.metrics) == {}
     assert warnings_from(caplog) == []
+
+
+async def test_a_flood_of_dials_to_a_dead_bot_is_counted_but_logged_sparingly(
+        caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock) -> None:
+    """A hostile client of an auth-none agent cannot flood the log through a dead bot."""
+    caplog.set_level(logging.WARNING)
+    async with running(make_config(f"ws://127.0.0.1:{closed_port()}/bot")) as gw:
+        with trio.fail_after(60):
+            for _ in range(20):
+                assert await raw_upgrade_status(gw.ws_port, "/ws/generic/a.local") == 502
+            assert len(warnings_from(caplog)) == 1
+            await trio.sleep(DIAL_WARNING_INTERVAL)
+            assert await raw_upgrade_status(gw.ws_port, "/ws/generic/a.local") == 502
+        assert dial_failures(gw.gateway.metrics) == {("a", "unreachable"): 21}
+    first, second = warnings_from(caplog)
+    assert "more since" not in first.getMessage()
+    assert "(19 more since the last report)" in second.getMessage()
 
 
 def test_reasons_are_a_fixed_set() -> None:
