@@ -7,6 +7,7 @@ stopped by its PID (SIGTERM, then kill) in a `finally`.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from relay.gateway import Ports
 from relay.server import ready_line
 
 START_BOUND = 60.0  # seconds for a loaded machine to import and listen
+WAIT_READY = Path(__file__).resolve().parent.parent / "scripts" / "wait-ready"
 
 
 def free_port() -> int:
@@ -51,6 +53,13 @@ async def test_serve_prints_ready_once_both_planes_listen(tmp_path: Path) -> Non
         for port in (ws_port, api_port):  # no retry: ready means listening
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             await stream.aclose()
+        # scripts/wait-ready (the README's way to wait) agrees.
+        with trio.fail_after(60):
+            done = await trio.run_process(
+                [str(WAIT_READY), str(process.pid)], capture_stderr=True, check=False,
+                env={**os.environ, "RELAY_HEALTH_URL": f"http://127.0.0.1:{api_port}/health",
+                     "RELAY_WAIT": "30"})
+        assert (done.returncode, done.stderr) == (0, b"")
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
             assert await process.wait() == 0
@@ -68,3 +77,19 @@ def test_ready_line_names_every_bind_and_tls() -> None:
     assert ready_line(ports, tls=True) == (
         "relay ready: WebSocket wss://127.0.0.1:1, wss://[::1]:2; HTTP https://0.0.0.0:3 "
         "(/start, /health, /metrics)")
+
+
+async def test_wait_ready_gives_up_at_once_when_the_server_has_exited(tmp_path: Path) -> None:
+    """A server that died (a failed install, a busy port) fails the wait, without waiting
+    out the bound; nothing answers on the URL given here."""
+    gone = await trio.lowlevel.open_process(["true"])
+    await gone.wait()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/health"  # closed: nothing listens
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [str(WAIT_READY), str(gone.pid)], capture_stderr=True, check=False,
+            env={**os.environ, "RELAY_HEALTH_URL": url, "RELAY_WAIT": "300"})
+    assert done.returncode == 1
+    assert done.stderr.decode() == f"wait-ready: process {gone.pid} ended before {url} answered\n"
