@@ -154,7 +154,7 @@ async def _open(cc: ClientConnection, r: Route, upgrade: Upgrade,
         passthrough = await cc._dial(agent, resolved, bot_upgrade, consumed, replay,
                                      client_accepted=True)
     except BotDialError as exc:
-        log.warning("%s session %s: bot dial failed: %s", r.provider, info.id, exc.detail)
+        rt.dial_failures.report(agent.name, agent.bot, exc, info.client_addr)  # counted, logged
         await _close_opening(cc, reader, BOT_UNREACHABLE if exc.status == 502 else BOT_TIMEOUT)
         return None
     return passthrough, info, agent

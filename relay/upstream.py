@@ -62,9 +62,9 @@ class DialFailures:
             return
         self._last[key] = (now, 0)
         more = f" ({last[1]} more since the last report)" if last and last[1] else ""
-        log.warning("agent %r: bot %s %s (%s); client %s refused with %d%s",
+        log.warning("agent %r: bot %s %s (%s); no session for client %s%s",
                     agent, bot_url_for_logs(bot_url), exc.reason, exc.detail, client_addr,
-                    exc.status, more)
+                    more)
 
 
 def new_key() -> bytes:

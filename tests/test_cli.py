@@ -44,7 +44,7 @@ def restore_logging() -> Iterator[None]:
 def key_ring(monkeypatch: pytest.MonkeyPatch) -> None:
     """A key ring in the environment: check-config runs serve's checks, and without one it
     prints serve's random-key warning (tested in test_preflight.py)."""
-    monkeypatch.setenv("RELAY_SECRET", "k1:cli-test-secret")
+    monkeypatch.setenv("RELAY_SECRET", "k1:cli-test-secret-of-at-least-32-bytes")
 
 
 @pytest.fixture

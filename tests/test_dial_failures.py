@@ -84,7 +84,7 @@ async def test_unreachable_bot_is_logged_and_counted(
     assert len(records) == 1  # the second within DIAL_WARNING_INTERVAL: counted, not logged
     text = records[0].getMessage()
     assert "'down'" in text and f"ws://127.0.0.1:{port}/bot" in text
-    assert "unreachable" in text and "502" in text
+    assert "unreachable" in text and "no session for client 127.0.0.1" in text
     assert "s3cret" not in text
 
 
@@ -109,7 +109,7 @@ async def test_silent_bot_is_logged_and_counted_as_timeout(
             assert dial_failures(gateway.metrics) == {("a", "timeout"): 1}
         nursery.cancel_scope.cancel()
     [record] = warnings_from(caplog)
-    assert "timeout" in record.getMessage() and "504" in record.getMessage()
+    assert "timeout" in record.getMessage() and "did not answer within 3" in record.getMessage()
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -159,6 +159,23 @@ async def test_a_flood_of_dials_to_a_dead_bot_is_counted_but_logged_sparingly(
     first, second = warnings_from(caplog)
     assert "more since" not in first.getMessage()
     assert "(19 more since the last report)" in second.getMessage()
+
+
+async def test_provider_endpoint_dial_failure_is_logged_and_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """On /ws/{provider} the dial comes after the 101 (a close 1014, not a 502): the same
+    trace for the operator."""
+    from test_provider_e2e import Provider, provider, wrong
+
+    caplog.set_level(logging.WARNING)
+    async with running(make_config(f"ws://127.0.0.1:{closed_port()}/bot", agent="bot")) as gw:
+        async with provider(gw.ws_port, "/ws/plivo/bot.local") as p:
+            assert isinstance(p, Provider)
+            await p.send(wrong("plivo"))
+            assert await p.closed() == (1014, "bot unreachable")
+        assert dial_failures(gw.gateway.metrics) == {("bot", "unreachable"): 1}
+    [record] = warnings_from(caplog)
+    assert "'bot'" in record.getMessage() and "unreachable" in record.getMessage()
 
 
 def test_reasons_are_a_fixed_set() -> None:

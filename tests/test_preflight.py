@@ -104,8 +104,8 @@ def test_check_config_prints_the_warnings_serve_would_log(
     path = write(tmp_path, '[agents.a]\nbot = "ws://127.0.0.1:9/b"\n')
     assert main(["check-config", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert out == f"{path}: ok (1 agent)\n"
-    assert err.startswith("relay: warning: RELAY_SECRET is not set: using a random HMAC key")
+    assert out.splitlines()[0] == f"{path}: ok (1 agent)"
+    assert "relay: warning: RELAY_SECRET is not set: using a random HMAC key" in err
 
 
 # -- python: bots next to the user's own code ---------------------------------------------
@@ -126,7 +126,7 @@ def test_python_bot_in_the_working_directory_loads(
     write(tmp_path, f'[agents.a]\nbot = "python:{name}:bot"\n', "bot.toml")
     monkeypatch.chdir(tmp_path)
     assert main(["check-config", "bot.toml"]) == 0
-    assert capsys.readouterr().out == "bot.toml: ok (1 agent)\n"
+    assert capsys.readouterr().out.splitlines()[0] == "bot.toml: ok (1 agent)"
 
 
 def test_app_dir_names_where_python_bots_live(
@@ -142,7 +142,7 @@ def test_app_dir_names_where_python_bots_live(
     assert main(["check-config", str(path)]) == 2  # not on the import path from here
     assert f"No module named '{name}'" in capsys.readouterr().err
     assert main(["check-config", str(path), "--app-dir", str(app)]) == 0
-    assert capsys.readouterr().out == f"{path}: ok (1 agent)\n"
+    assert capsys.readouterr().out.splitlines()[0] == f"{path}: ok (1 agent)"
 
 
 def console_script() -> Path:
@@ -160,7 +160,8 @@ def test_relay_console_script_finds_a_bot_in_the_working_directory(tmp_path: Pat
     done = subprocess.run([str(console_script()), "check-config", "bot.toml"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60, check=False,
                           env={**os.environ, "RELAY_SECRET": GOOD_SECRET})
-    assert (done.returncode, done.stdout, done.stderr) == (0, "bot.toml: ok (1 agent)\n", "")
+    assert (done.returncode, done.stdout.splitlines()[0]) == (0, "bot.toml: ok (1 agent)"), done
+    assert "cannot load bot" not in done.stderr
 
 
 def test_scripts_serve_resolves_a_relative_config_where_the_user_stands(
