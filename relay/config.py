@@ -481,6 +481,10 @@ def _url_problem(url: str, schemes: tuple[str, ...], *, allow_query: bool) -> st
         return f"must start with {wanted}, got {_show(url)}"
     if not parts.hostname:
         return f"{_show(url)} has no host"
+    if "@" in parts.netloc:
+        redacted = url.replace(parts.netloc, "***@" + parts.netloc.rpartition("@")[2], 1)
+        return (f"{_show(redacted)} must not carry credentials (user:password@host): relay "
+                "does not send them; keep the bot reachable only from the gateway's network")
     if parts.fragment or (parts.query and not allow_query):
         return f"{_show(url)} must not have a query or fragment"
     return None

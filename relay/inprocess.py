@@ -251,7 +251,7 @@ class InprocessLeg(BotHost):
         while True:
             for event in self.ws.events():
                 if isinstance(event, TextMessage | BytesMessage):
-                    size += len(event.data)
+                    size += _payload_len(event.data)
                     if size > limit:
                         self.end(closing.client_violation(
                             1009, f"message exceeds {limit} bytes"))
@@ -350,3 +350,10 @@ def _payload_size(frame_size: int) -> int:
     if frame_size - 4 < 65536:
         return frame_size - 4
     return frame_size - 10
+
+
+def _payload_len(data: str | bytes | bytearray) -> int:
+    """Bytes on the wire: max_message_size counts UTF-8 bytes, not characters."""
+    if isinstance(data, str) and not data.isascii():  # isascii() is O(1) on str
+        return len(data.encode("utf-8"))
+    return len(data)

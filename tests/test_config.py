@@ -78,6 +78,8 @@ BAD_CONFIGS: list[tuple[str, str, str, str]] = [
     ("bot-not-string", "[agents.a]\nbot = 9000\n", "agents.a.bot", "must be a string"),
     ("bot-no-host", '[agents.a]\nbot = "ws:///ws"\n', "agents.a.bot", "has no host"),
     ("bot-bad-port", '[agents.a]\nbot = "ws://h:99999/"\n', "agents.a.bot", "not a valid URL"),
+    ("bot-credentials", '[agents.a]\nbot = "ws://u:pw@h:9000/"\n', "agents.a.bot",
+     '"ws://***@h:9000/" must not carry credentials'),
     (
         "bot-python-no-function",
         '[agents.a]\nbot = "python:pkg.mod"\n',

@@ -1206,6 +1206,17 @@ async def test_builtin_echo_bot_keeps_text_and_binary_types() -> None:
             assert await client.close(1000, "bye") == (1000, "bye")
 
 
+async def test_inprocess_max_message_size_counts_utf8_bytes_not_characters() -> None:
+    config = make_config("python:relay.echo:echo_bot", max_message_size=8)
+    async with running(config) as gw:
+        with trio.fail_after(WAIT):
+            client = await connect(gw.ws_port)
+            await client.send_message("éééé")  # 4 characters, 8 bytes: at the limit
+            assert await client.message() == "éééé"
+            await client.send_message("ééééé")  # 5 characters, 10 bytes: over it
+            assert (await client.close_code())[0] == 1009
+
+
 async def test_inprocess_session_has_no_body_for_auth_none_and_id_matches_event() -> None:
     infos: list[Any] = []
     async with running(inproc("recording_bot"), on_client_connected=infos.append) as gw:
