@@ -25,17 +25,21 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import pytest
 import trio
 from support import http
+from trio_websocket import WebSocketConnection, wrap_client_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 BOTS = Path(__file__).resolve().parent / "bots"
 START_BOUND = 90.0  # seconds for a process to import Pipecat or relay and listen
 CALL_BOUND = 120.0  # seconds for one whole exchange, start-up of the client included
 POLL = 0.05  # seconds between probes of a port that relay is about to listen on
+CLOSE_BOUND = 5.0  # seconds for a client's closing handshake
+START_ATTEMPTS = 3  # relay starts, in case a picked port was taken in the meantime
 PUBLIC_KEY = "pk_interop"
 SECRET = "k1:interop-secret-of-at-least-thirty-two-bytes"
 
@@ -179,39 +183,74 @@ def relay_config(ws_port: int, api_port: int, agents: dict[str, dict[str, Any]])
     return "\n".join(lines) + "\n"
 
 
-async def wait_listening(port: int, process: trio.Process, stderr: Path) -> None:
+async def listening(port: int, process: trio.Process) -> bool:
+    """Poll until the port accepts (True) or the process has exited (False)."""
     with trio.fail_after(START_BOUND):
-        while True:
-            assert process.returncode is None, f"relay serve exited:\n{tail(stderr)}"
+        while process.returncode is None:
             try:
                 stream = await trio.open_tcp_stream("127.0.0.1", port)
             except OSError:
                 await trio.sleep(POLL)
                 continue
             await stream.aclose()
-            return
+            return True
+    return False
 
 
 @asynccontextmanager
 async def relay_serve(tmp_path: Path, agents: dict[str, dict[str, Any]]) -> AsyncIterator[Relay]:
-    """`relay serve --config` (the core venv's relay) with these agents, on loopback."""
-    ws_port, api_port = free_port(), free_port()
+    """`relay serve --config` (the core venv's relay) with these agents, on loopback.
+
+    Its ports are picked by binding port 0 and closing; another suite on the machine may
+    take one in between, so a relay that exits before listening is started again on new
+    ports (at most START_ATTEMPTS times).
+    """
     config = tmp_path / "relay.toml"
-    config.write_text(relay_config(ws_port, api_port, agents), encoding="utf-8")
     stderr = tmp_path / "relay.stderr.txt"
-    with stderr.open("wb") as err:
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "relay", "serve", "--config", str(config)],
-            env={**os.environ, "RELAY_SECRET": SECRET},
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    for _ in range(START_ATTEMPTS):
+        ws_port, api_port = free_port(), free_port()
+        config.write_text(relay_config(ws_port, api_port, agents), encoding="utf-8")
+        with stderr.open("wb") as err:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+                env={**os.environ, "RELAY_SECRET": SECRET},
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            if await listening(ws_port, process) and await listening(api_port, process):
+                yield Relay(process, ws_port, api_port, stderr)
+                return
+        finally:
+            kill(process)
+            with trio.move_on_after(10):
+                await process.wait()
+    raise AssertionError(f"relay serve exited before listening:\n{tail(stderr)}")
+
+
+@asynccontextmanager
+async def open_ws(url: str, extra_headers: list[tuple[bytes, bytes]] | None = None,
+                  ) -> AsyncIterator[WebSocketConnection]:
+    """A trio-websocket client on a TCP stream this harness owns and always closes.
+
+    `open_websocket_url` leaves the socket of a refused handshake to the garbage
+    collector, and its ResourceWarning then fails whichever test is running when it is
+    collected; here the stream is closed on the way out, refused or not.
+    """
+    parts = urlsplit(url)
+    assert parts.scheme == "ws" and parts.hostname and parts.port, url
+    resource = parts.path + (f"?{parts.query}" if parts.query else "")
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
     try:
-        await wait_listening(ws_port, process, stderr)
-        await wait_listening(api_port, process, stderr)
-        yield Relay(process, ws_port, api_port, stderr)
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(nursery, stream, f"{parts.hostname}:{parts.port}",
+                                          resource, extra_headers=extra_headers)
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(CLOSE_BOUND, shield=True):
+                    await ws.aclose()
     finally:
-        kill(process)
-        with trio.move_on_after(10):
-            await process.wait()
+        with trio.move_on_after(CLOSE_BOUND, shield=True):
+            await stream.aclose()
 
 
 # --------------------------------------------------------------------------------------

@@ -24,13 +24,13 @@ from interop_support import (
     bot,
     correlation,
     first_difference,
+    open_ws,
     pcm16,
     relay_serve,
     reporter,
     samples16,
     tone,
 )
-from support import open_client
 
 SAMPLE_RATE = 16_000  # Hz, as bots/protobuf_echo_bot.py and bots/protobuf_client.py
 CHUNK = 1_280  # bytes: one 40 ms chunk, what Pipecat's output transports send at a time
@@ -106,7 +106,7 @@ async def test_a_clients_own_body_parameter_never_reaches_a_pipecat_bot(
         start = await relay.start("pipecat", {"transport": "websocket", "body": BODY})
         url = f"{start['wsUrl']}?body={forged}&bod%79={forged}&lang=fr"
         with trio.fail_after(CALL_BOUND):
-            async with open_client(url, extra_headers=[
+            async with open_ws(url, extra_headers=[
                     (b"authorization", f"Bearer {start['token']}".encode())]):
                 session = await echo_bot.wait_for("session")
     assert session["body"] == BODY

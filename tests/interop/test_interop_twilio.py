@@ -31,12 +31,12 @@ from interop_support import (
     Reporter,
     bot,
     correlation,
+    open_ws,
     relay_serve,
     tone,
     ulaw_decode,
     ulaw_encode,
 )
-from support import open_client
 
 ACCOUNT_SID = "AC0123456789abcdef0123456789abcdef"
 CALL_SID = "CA0123456789abcdef0123456789abcdef"
@@ -117,7 +117,7 @@ async def twilio_call(url: str, custom: dict[str, str], echo_bot: Reporter) -> C
     """One call as Twilio makes it; returns once the bot has read the mark answer."""
     call = Call(sent=ulaw_encode(tone(440.0, CHUNKS * CHUNK / RATE, RATE)))
     say = TwilioMessages()
-    async with open_client(url) as ws:
+    async with open_ws(url) as ws:
 
         async def send(message: dict[str, Any]) -> None:
             await ws.send_message(json.dumps(message))
