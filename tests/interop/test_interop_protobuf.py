@@ -87,9 +87,10 @@ async def test_pipecat_client_and_bot_echo_a_tone_through_relay(tmp_path: Path) 
     assert session["path"] == "/ws"
     assert session["body"] == BODY
     assert session["session_id"] == start["sessionId"]
-    assert session["relay_session_id"] == start["sessionId"]
+    assert session["session_id_headers"] == [start["sessionId"]]
+    assert session["relay_session_id_headers"] == [start["sessionId"]]
     assert session["query_names"] == ["body"]
-    assert session["authorization"] is None  # the client's token never reaches the bot
+    assert session["authorization"] == []  # the client's token never reaches the bot
 
 
 @pytest.mark.xfail(strict=True, reason="client query sanitising lands with branch i6-core")
@@ -111,3 +112,28 @@ async def test_a_clients_own_body_parameter_never_reaches_a_pipecat_bot(
                 session = await echo_bot.wait_for("session")
     assert session["body"] == BODY
     assert sorted(session["query_names"]) == ["body", "lang"]
+
+
+async def test_a_clients_own_session_id_header_never_reaches_a_pipecat_bot(
+        tmp_path: Path) -> None:
+    """A hostile client sends the session-id headers itself; the bot reads relay's."""
+    async with bot("protobuf_echo_bot.py", tmp_path) as (echo_bot, port), \
+            relay_serve(tmp_path, {"pipecat": agent(port)}) as relay:
+        start = await relay.start("pipecat", {"transport": "websocket", "body": BODY})
+        forged = [(b"x-daily-session-id", b"forged"), (b"x-relay-session-id", b"forged")]
+        with trio.fail_after(CALL_BOUND):
+            async with open_ws(start["wsUrl"], extra_headers=[
+                    (b"authorization", f"Bearer {start['token']}".encode()), *forged]):
+                session = await echo_bot.wait_for("session")
+    assert session["session_id"] == start["sessionId"]
+    assert session["session_id_headers"] == [start["sessionId"]]
+    assert session["relay_session_id_headers"] == [start["sessionId"]]
+    assert session["body"] == BODY
+
+
+def test_the_body_carries_base64s_url_unsafe_characters() -> None:
+    """BODY's comment holds: its compact JSON (ASCII-escaped or not) encodes to '+', '/'."""
+    for ascii_only in (True, False):
+        compact = json.dumps(BODY, separators=(",", ":"), ensure_ascii=ascii_only)
+        encoded = base64.b64encode(compact.encode()).decode()
+        assert "+" in encoded and "/" in encoded

@@ -95,8 +95,10 @@ async def websocket_endpoint(
         query_names=[name for name, _ in websocket.query_params.multi_items()],
         session_id=x_daily_session_id,
         body=decoded,
-        relay_session_id=websocket.headers.get("x-relay-session-id"),
-        authorization=websocket.headers.get("authorization"),
+        # every copy of each header, so a forged duplicate cannot hide behind the first
+        session_id_headers=websocket.headers.getlist("x-daily-session-id"),
+        relay_session_id_headers=websocket.headers.getlist("x-relay-session-id"),
+        authorization=websocket.headers.getlist("authorization"),
     )
     await bot(WebSocketRunnerArguments(websocket=websocket, body=decoded,
                                        session_id=x_daily_session_id))
