@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 from interop_support import (
     CALL_BOUND,
@@ -47,8 +46,7 @@ BODY = {
 def agent(bot_port: int) -> dict[str, Any]:
     return {
         "bot": f"ws://127.0.0.1:{bot_port}/ws",
-        "websocket_auth": "token",
-        "bot_protocol": "pipecat-cloud",  # the default once i6-core lands
+        "websocket_auth": "token",  # and the default bot_protocol, "pipecat-cloud"
     }
 
 
@@ -93,7 +91,6 @@ async def test_pipecat_client_and_bot_echo_a_tone_through_relay(tmp_path: Path) 
     assert session["authorization"] == []  # the client's token never reaches the bot
 
 
-@pytest.mark.xfail(strict=True, reason="client query sanitising lands with branch i6-core")
 async def test_a_clients_own_body_parameter_never_reaches_a_pipecat_bot(
         tmp_path: Path) -> None:
     """A hostile client adds `?body=` of its own (plain and percent-encoded) to the URL.

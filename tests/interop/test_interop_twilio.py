@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import pytest
 import trio
 from interop_support import (
     CALL_BOUND,
@@ -50,10 +49,9 @@ CUSTOM = {"caller": "+15550100", "campaign": "spring & summer"}
 
 def agents(bot_port: int) -> dict[str, dict[str, Any]]:
     bot_url = f"ws://127.0.0.1:{bot_port}/ws"
-    pipecat_cloud = {"bot_protocol": "pipecat-cloud"}  # the default once i6-core lands
-    return {
-        "twilio": {"bot": bot_url, "websocket_auth": "token", **pipecat_cloud},
-        "twilio-open": {"bot": bot_url, **pipecat_cloud},
+    return {  # on the default bot_protocol, "pipecat-cloud"
+        "twilio": {"bot": bot_url, "websocket_auth": "token"},
+        "twilio-open": {"bot": bot_url},
     }
 
 
@@ -177,7 +175,6 @@ async def test_twilio_call_on_the_generic_endpoint_with_a_path_token(tmp_path: P
     assert_call_went_through(call, echo_bot, ended, CUSTOM, start["sessionId"])
 
 
-@pytest.mark.xfail(strict=True, reason="provider endpoints land with branch i6-core")
 async def test_twilio_call_on_ws_twilio_routed_by_path_with_a_path_token(
         tmp_path: Path) -> None:
     with trio.fail_after(CALL_BOUND):
@@ -190,7 +187,6 @@ async def test_twilio_call_on_ws_twilio_routed_by_path_with_a_path_token(
     assert_call_went_through(call, echo_bot, ended, CUSTOM, start["sessionId"])
 
 
-@pytest.mark.xfail(strict=True, reason="provider endpoints land with branch i6-core")
 async def test_twilio_call_on_ws_twilio_routed_by_custom_parameter(tmp_path: Path) -> None:
     """Twilio's stream URL takes no query: the service host rides in customParameters,
     and reaches the bot unchanged with the rest of the opening messages."""
