@@ -1,7 +1,7 @@
 """The ``relay`` command line: argument parsing, logging setup and exit statuses.
 
     relay serve [--config FILE] [--log-level LEVEL] [--app-dir DIR]
-                                                      run the gateway (embedded default
+                [--log-format text|json]              run the gateway (embedded default
                                                       without --config)
     relay check-config FILE [--app-dir DIR]           run serve's checks, bind nothing
     relay mint-token AGENT [--config FILE] [--url]    print a one-time token and wsUrl
@@ -40,6 +40,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2  # argparse's own status for bad arguments; also every config / bind error
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 log = logging.getLogger("relay.cli")
@@ -131,11 +132,19 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="log to stderr at this level and above (default: info)",
     )
     _add_app_dir(p)
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        type=str.lower,
+        help="text lines, or one JSON object per line (default: text); either way one "
+        "line per ended session on the logger 'relay.sessions'",
+    )
     p.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    _configure_logging(args.log_level)
+    _configure_logging(args.log_level, args.log_format)
     try:
         config = load_config(args.config) if args.config else default_config()
         warnings, _ = _preflight(config, args.app_dir)  # the Gateway logs the rest itself
@@ -156,13 +165,18 @@ def _serve(args: argparse.Namespace) -> int:
     return status
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, log_format: str = "text") -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format=LOG_FORMAT,
         stream=sys.stderr,
         force=True,  # main() may run more than once in one process (tests, embedding)
     )
+    if log_format == "json":
+        from relay.session_log import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
 
 
 # --------------------------------------------------------------------------------------

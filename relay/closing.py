@@ -20,6 +20,7 @@ GOING_AWAY: CloseCode = (1001, "")
 BAD_GATEWAY: CloseCode = (1014, "bad gateway")
 SESSION_TIMEOUT: CloseCode = (4000, "session timeout")
 REPLACED: CloseCode = (4001, "replaced")
+ENDED_BY_OPERATOR: CloseCode = (4002, "ended by operator")
 STALLED: CloseCode = (1008, "stalled")
 TRY_AGAIN_LATER: CloseCode = (1013, "try again later")
 BOT_ERROR: CloseCode = (1011, "bot error")
@@ -41,6 +42,7 @@ BOT_GONE = Outcome("bot_gone", BAD_GATEWAY, None)
 TIMEOUT = Outcome("timeout", SESSION_TIMEOUT, SESSION_TIMEOUT)
 REPLACED_BY_NEWER = Outcome("replaced", REPLACED, REPLACED)
 SHUTDOWN = Outcome("shutdown", GOING_AWAY, GOING_AWAY)
+OPERATOR = Outcome("operator", ENDED_BY_OPERATOR, ENDED_BY_OPERATOR)
 CLIENT_STALLED = Outcome("client_stalled", STALLED, GOING_AWAY)
 BOT_STALLED = Outcome("bot_stalled", GOING_AWAY, STALLED)
 BOT_CRASHED = Outcome("bot_error", BOT_ERROR, None)
@@ -54,6 +56,8 @@ def session_outcome(cancel_reason: str | None, timed_out: bool,
         return REPLACED_BY_NEWER
     if cancel_reason == "shutdown":
         return SHUTDOWN
+    if cancel_reason == "operator":
+        return OPERATOR
     if timed_out and relay_outcome is None:
         return TIMEOUT
     return relay_outcome or SHUTDOWN

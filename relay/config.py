@@ -37,6 +37,8 @@ Keys beyond SPEC §2, our additions:
     [server] max_start_body_reads = 64   /start bodies read at once (each at most 1 MiB);
                                          one more is answered 503 "busy" at once, so slow
                                          bodies use at most this many MiB.
+    [server] admin_keys = []             Bearer keys of the operator API and live page
+                                         (``relay.admin_api``); empty = those paths are 404.
 
 Choices where the SPEC is silent:
 
@@ -177,6 +179,7 @@ class ServerConfig:
     max_connections: int = 10000  # open client connections before new ones get 503
     start_body_timeout: float = 10.0  # seconds for a /start request's whole body (then 408)
     max_start_body_reads: int = 64  # /start bodies read at once; one more gets 503
+    admin_keys: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)  # operator API
     defaults: Limits = DEFAULT_LIMITS  # per-agent limits set under [server]
 
 
@@ -322,6 +325,7 @@ _SERVER_KEYS = (
     "max_connections",
     "start_body_timeout",
     "max_start_body_reads",
+    "admin_keys",
     *LIMIT_KEYS,
 )
 _STORE_KEYS = ("backend", "url")
@@ -367,6 +371,14 @@ def _parse_server(t: _Table) -> ServerConfig:
                 "must be a non-empty string of visible ASCII characters (no spaces)",
             )
 
+    admin_keys = t.strings("admin_keys", ())
+    for i, key in enumerate(admin_keys):
+        if not _PUBLIC_KEY_RE.fullmatch(key):
+            t.fail_at(
+                f"{t.key('admin_keys')}[{i}]",
+                "must be a non-empty string of visible ASCII characters (no spaces)",
+            )
+
     secret_env = t.string("secret_env", "RELAY_SECRET")
     if not _ENV_NAME_RE.fullmatch(secret_env):
         t.fail("secret_env", f"{_show(secret_env)} is not an environment variable name")
@@ -391,6 +403,7 @@ def _parse_server(t: _Table) -> ServerConfig:
         max_connections=t.positive_int("max_connections", 10000),
         start_body_timeout=t.seconds("start_body_timeout", 10.0),
         max_start_body_reads=t.positive_int("max_start_body_reads", 64),
+        admin_keys=admin_keys,
         defaults=attrs.evolve(DEFAULT_LIMITS, **_limit_overrides(t)),
     )
 

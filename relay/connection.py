@@ -30,6 +30,7 @@ import h11
 import trio
 
 from . import closing
+from .admin import draining_reject
 from .auth import Grant, authenticate, consume, release
 from .config import AgentConfig
 from .errors import BotDialError
@@ -42,6 +43,7 @@ from .frames import (
     Violation,
     encode_close,
     encode_frame,
+    parse_close,
 )
 from .handshake import (
     Reject,
@@ -60,6 +62,7 @@ from .passthrough import Passthrough
 from .provider_connection import open_provider
 from .registry import CancellableMember
 from .runtime import Runtime, SessionInfo
+from .session_log import SessionRecord, log_session
 from .upstream import dial_bot, new_key
 from .wire import Conn
 
@@ -142,9 +145,26 @@ class ClientConnection(CancellableMember):
         if outcome is closing.TIMEOUT:
             await self.rt.events.fire("on_session_timeout", opened.info)
         await opened.leg.close(outcome)
+        self._log_end(opened, outcome)
         self.flush_counts()
         self.rt.metrics.session_ended(opened.agent.name, outcome.reason)
         await self.rt.events.fire("on_client_disconnected", opened.info)
+
+    def _log_end(self, opened: _Opened, outcome: closing.Outcome) -> None:
+        info, leg = opened.info, opened.leg
+        code, reason = _ending_close(leg, outcome)
+        c2b_m, c2b_b, b2c_m, b2c_b = self.traffic()
+        started = info.connected_at if info.connected_at is not None else trio.current_time()
+        log_session(SessionRecord(
+            id=info.id, agent=info.agent, organization=info.organization,
+            client_addr=info.client_addr, duration=trio.current_time() - started,
+            messages_client_to_bot=c2b_m, bytes_client_to_bot=c2b_b,
+            messages_bot_to_client=b2c_m, bytes_bot_to_client=b2c_b,
+            end_reason=outcome.reason, code=code, reason=reason))
+
+    def traffic(self) -> tuple[int, int, int, int]:
+        """Messages and payload bytes relayed so far: client→bot, then bot→client."""
+        return self._leg.relayed() if self._leg is not None else (0, 0, 0, 0)
 
     def flush_counts(self) -> None:
         """Add what was relayed since the last flush to the metrics (a batch, not a message)."""
@@ -283,6 +303,9 @@ class ClientConnection(CancellableMember):
             opened = await open_provider(self, r, upgrade, list(request.headers), early)
             return _Opened(*opened) if opened is not None else None
         agent = rt.config.agents[r.agent]
+        if rt.operations.is_draining(agent.name):  # before the token: it stays usable
+            await self._refuse(draining_reject(agent.name))
+            return None
         # 2. token (verified and reserved: burned only once every check has passed)
         grant = await authenticate(rt, agent, r, list(request.headers))
         if isinstance(grant, Reject):
@@ -376,6 +399,21 @@ class ClientConnection(CancellableMember):
                         isinstance(piece, ControlFrame) and piece.opcode == OP_CLOSE
                     ):
                         return
+
+
+def _ending_close(leg: Leg, outcome: closing.Outcome) -> tuple[int | None, str]:
+    """The close that ended the session: the closing peer's own frame when it sent one
+    (1005 for an empty one), else the gateway's; (None, "") when a peer just vanished."""
+    if isinstance(leg, Passthrough):
+        side = {"client_closed": leg.client, "bot_closed": leg.bot}.get(outcome.reason)
+        if side is not None and side.close_from is not None:
+            try:
+                code, reason = parse_close(side.close_from.payload)
+            except ValueError:
+                return None, ""
+            return (code if code is not None else 1005), reason
+    sent = outcome.to_client or outcome.to_bot
+    return sent if sent is not None else (None, "")
 
 
 class _ClientLeft(Exception):

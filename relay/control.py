@@ -8,6 +8,7 @@ starts a bot: /start only mints a token and holds the body in the store (SPEC §
 
     401 unauthorized              no ``Authorization: Bearer`` or a key not in public_keys
     404 agent_not_found           no such agent
+    503 draining                  the operator is draining this agent (admin.py)
     413 payload_too_large         request body over 1 MiB: decided from Content-Length or
                                   while the body arrives, never buffering more than the limit
     503 busy                      ``[server] max_start_body_reads`` bodies already being read
@@ -35,6 +36,9 @@ CORS (SPEC §3): a preflight (OPTIONS with Origin and Access-Control-Request-Met
 an origin in ``cors_origins`` (or any, with ``"*"``) gets 204 with the allowed methods and
 headers; from another origin 403. Other responses carry Access-Control-Allow-Origin only
 for allowed origins. /start and error responses are ``Cache-Control: no-store``.
+
+``/``, ``/live.*`` and ``/v1/admin/...`` belong to the operator API and live page
+(``relay.admin_api``), 404 unless ``[server] admin_keys`` is set.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ from urllib.parse import parse_qsl
 import attrs
 import trio
 
+from relay.admin import Operations
+from relay.admin_api import handle_admin, is_admin_path
 from relay.config import Config
 from relay.handshake import origin_matches
 from relay.metrics import Metrics
@@ -105,6 +111,7 @@ class ControlState:
     now: Callable[[], float]
     is_full: Callable[[str], bool] = _never_full
     store_up: Callable[[], bool] | None = None
+    operations: Operations | None = None  # operator API and drains (admin.py); None = off
 
 
 class _Refuse(Exception):
@@ -194,6 +201,9 @@ class ControlApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
         path: str = scope["path"]
+        if is_admin_path(path):  # the operator API and live page (admin_api.py)
+            await handle_admin(scope, receive, send, self.state.config, self.state.operations)
+            return
         cors = self._cors_headers(scope)
         start = _START_PATH.fullmatch(path)
         allowed = _START_METHODS if start else _READ_METHODS
@@ -346,6 +356,15 @@ class ControlApp:
                 "agent_not_found",
                 "Agent not found.",
                 f"There is no agent named {agent_name!r} on this gateway.",
+            )
+        if state.operations is not None and state.operations.is_draining(agent_name):
+            raise _Refuse(
+                503,
+                "draining",
+                "Agent is draining.",
+                f"Agent {agent_name!r} is being drained by its operator: it takes no new "
+                "sessions now; try again later or elsewhere.",
+                ((b"retry-after", b"5"),),
             )
         raw = await self._read_start_body(scope, receive)
         request = _parse_request(raw)

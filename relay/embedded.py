@@ -50,6 +50,7 @@ from wsproto.events import BytesMessage, Event, TextMessage
 from wsproto.frame_protocol import CloseReason as WireCloseReason
 
 from . import closing
+from .admin import draining_reject
 from .auth import Grant, authenticate, consume, release
 from .closing import CloseCode, Outcome
 from .config import AgentConfig, Limits
@@ -67,6 +68,7 @@ from .handshake import (
 from .inprocess import BotFunction, BotHost, ClientDisconnected
 from .registry import CancellableMember
 from .runtime import Runtime, SessionInfo
+from .session_log import SessionRecord, log_session
 from .upstream import open_tcp_to_bot
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,7 @@ class EmbeddedConnection(CancellableMember):
         self.request = request
         self.info: SessionInfo | None = None
         self._agent: str | None = None
+        self._leg: _Leg | None = None
         self._responded = False
         remote = request.remote
         self.peer = str(remote.address) if isinstance(remote, Endpoint) else str(remote)
@@ -153,6 +156,9 @@ class EmbeddedConnection(CancellableMember):
             await self._reject(decision)
             return None
         r, upgrade = decision.route, decision.upgrade
+        if rt.operations.is_draining(r.agent):  # before the token: it stays usable
+            await self._reject(draining_reject(r.agent))
+            return None
         # wsproto keeps the offered subprotocols out of the headers; extensions stay per leg.
         upgrade = attrs.evolve(upgrade, extensions=(), subprotocols=tuple(
             p.encode() for p in self.request.proposed_subprotocols))
@@ -255,6 +261,7 @@ class EmbeddedConnection(CancellableMember):
     async def _run(self, leg: _Leg) -> bool:
         """From the accepted upgrade to the session's end; True when it timed out."""
         self.info = leg.info
+        self._leg = leg
         leg.info.connected_at = trio.current_time()
         await self.rt.events.fire("on_client_connected", leg.info)
         self.rt.metrics.session_started(leg.agent.name)
@@ -270,10 +277,30 @@ class EmbeddedConnection(CancellableMember):
             with trio.CancelScope(shield=True):
                 await self.rt.events.fire("on_session_timeout", leg.info)
         await leg.close(outcome)
+        self._log_end(leg, outcome)
         leg.flush_counts(self.rt)
         self.rt.metrics.session_ended(leg.agent.name, outcome.reason)
         with trio.CancelScope(shield=True):
             await self.rt.events.fire("on_client_disconnected", leg.info)
+
+
+    def _log_end(self, leg: _Leg, outcome: Outcome) -> None:
+        code, reason = leg.ending_close(outcome)
+        c2b_m, c2b_b, b2c_m, b2c_b = leg.traffic()
+        started = leg.info.connected_at
+        info = leg.info
+        log_session(SessionRecord(
+            id=info.id, agent=info.agent, organization=info.organization,
+            client_addr=info.client_addr,
+            duration=trio.current_time() - (started if started is not None
+                                            else trio.current_time()),
+            messages_client_to_bot=c2b_m, bytes_client_to_bot=c2b_b,
+            messages_bot_to_client=b2c_m, bytes_bot_to_client=b2c_b,
+            end_reason=outcome.reason, code=code, reason=reason))
+
+    def traffic(self) -> tuple[int, int, int, int]:
+        """Messages and payload bytes relayed so far: client→bot, then bot→client."""
+        return self._leg.traffic() if self._leg is not None else (0, 0, 0, 0)
 
 
 # -- the upstream bot leg ------------------------------------------------------------------
@@ -456,6 +483,14 @@ class _Leg:
     def flush_counts(self, rt: Runtime) -> None:
         pass
 
+    def traffic(self) -> tuple[int, int, int, int]:
+        return (0, 0, 0, 0)
+
+    def ending_close(self, outcome: Outcome) -> tuple[int | None, str]:
+        """The close that ended the session (see connection._ending_close)."""
+        sent = outcome.to_client or outcome.to_bot
+        return sent if sent is not None else (None, "")
+
 
 class UpstreamRelay(_Leg):
     """Messages both ways between the client and an upstream bot (two tasks)."""
@@ -473,6 +508,18 @@ class UpstreamRelay(_Leg):
         self.pass_to_bot: CloseCode | None = None  # the client's own close
         self.counts = {"client_to_bot": [0, 0], "bot_to_client": [0, 0]}
         self._nursery: trio.Nursery | None = None
+
+    def traffic(self) -> tuple[int, int, int, int]:
+        (c2b_m, c2b_b), (b2c_m, b2c_b) = self.counts["client_to_bot"], self.counts[
+            "bot_to_client"]
+        return (c2b_m, c2b_b, b2c_m, b2c_b)
+
+    def ending_close(self, outcome: Outcome) -> tuple[int | None, str]:
+        passed = {"client_closed": self.pass_to_bot,
+                  "bot_closed": self.pass_to_client}.get(outcome.reason)
+        if passed is not None:
+            return passed
+        return super().ending_close(outcome)
 
     def end(self, outcome: Outcome) -> None:
         if self.outcome is None:

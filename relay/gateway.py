@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 import trio
 
+from .admin import Operations
 from .config import Bind, Config
 from .connection import ClientConnection
 from .control import ControlState, make_control_app
@@ -135,7 +136,7 @@ class Gateway:
         )
         self.control_app = make_control_app(ControlState(
             config=config, keyring=keys, store=self.rt.store, metrics=metrics,
-            now=wall_clock, is_full=self._is_full_rejecting))
+            now=wall_clock, is_full=self._is_full_rejecting, operations=self.rt.operations))
         self.connections: set[ClientConnection] = set()
         self._listeners: list[socket.socket] = []
         self._accept_scopes: list[trio.CancelScope] = []
@@ -148,6 +149,11 @@ class Gateway:
     @property
     def metrics(self) -> Metrics:
         return self.rt.metrics
+
+    @property
+    def operations(self) -> Operations:
+        """List, end and drain sessions, as the operator API does (admin.py)."""
+        return self.rt.operations
 
     def _is_full_rejecting(self, agent: str) -> bool:
         cfg = self.config.agents.get(agent)

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from .admin import LocalOperations, Operations
 from .config import Config
 from .inprocess import BotFunction
 from .metrics import Metrics
@@ -78,3 +79,6 @@ class Runtime:
     shutting_down: bool = False
     dial_failures: DialFailures = attrs.field(
         default=attrs.Factory(lambda rt: DialFailures(rt.metrics), takes_self=True))
+    # The operator's view and levers (admin.py); a fleet passes its own implementation.
+    operations: Operations = attrs.field(default=attrs.Factory(
+        lambda self: LocalOperations(self.registry, self.wall_clock), takes_self=True))
