@@ -412,6 +412,8 @@ def _ending_close(leg: Leg, outcome: closing.Outcome) -> tuple[int | None, str]:
             except ValueError:
                 return None, ""
             return (code if code is not None else 1005), reason
+    if isinstance(leg, InprocessLeg):
+        return leg.ending_close(outcome)
     sent = outcome.to_client or outcome.to_bot
     return sent if sent is not None else (None, "")
 

@@ -640,7 +640,8 @@ class InprocessAdapter(BotHost, _Leg):
                 message = await self.ws.get_message()
             except ConnectionClosed as exc:
                 assert exc.reason is not None
-                outcome, _ = _close_outcome(exc.reason, client=True)
+                outcome, passed = _close_outcome(exc.reason, client=True)
+                self.client_close = passed
                 if exc.reason.code in (1002, 1007):
                     outcome = closing.client_violation(int(exc.reason.code))
                 self._client_gone(outcome)

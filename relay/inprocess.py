@@ -118,6 +118,8 @@ class BotHost:
         self.outcome: Outcome | None = None
         self._nursery: trio.Nursery | None = None
         self._client_left = False
+        self.client_close: tuple[int | None, str] | None = None  # the client's own close
+        self.bot_close: tuple[int, str] | None = None  # the bot's session.close()
 
     def end(self, outcome: Outcome) -> None:
         if self.outcome is None:
@@ -125,7 +127,18 @@ class BotHost:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def ending_close(self, outcome: Outcome) -> tuple[int | None, str]:
+        """The close that ended the session (for the session log): the closing side's own
+        when it closed, else the gateway's; (None, "") when the client vanished."""
+        if outcome.reason == "client_closed" and self.client_close is not None:
+            return self.client_close
+        if outcome.reason == "bot_closed":
+            return self.bot_close or outcome.to_client or (1000, "")
+        sent = outcome.to_client or outcome.to_bot
+        return sent if sent is not None else (None, "")
+
     def bot_closed(self, code: tuple[int, str]) -> None:
+        self.bot_close = self.bot_close or code
         if self.outcome is None:
             self.outcome = closing.BOT_CLOSED
 
@@ -278,6 +291,8 @@ class InprocessLeg(BotHost):
                         self._pong[1].set()
                 elif isinstance(event, CloseConnection):
                     self._close_received = True
+                    if self.client_close is None:
+                        self.client_close = (int(event.code), event.reason or "")
                     if self.ws.state is ConnectionState.REMOTE_CLOSING:
                         # The client closed first: answer with its own code.
                         async with self._send_lock:
