@@ -4,7 +4,7 @@ Served only when ``[server] admin_keys`` is set; otherwise every path here is 40
 it did not exist. Routes (all JSON answers are ``Cache-Control: no-store``)::
 
     GET    /                               the live page (HTML; asks for an admin key)
-    GET    /live.js, /live.css             its script and style (served by relay, no CDN)
+    GET    /live.js, /live.css, /live.svg  its script, style, icon (served by relay, no CDN)
     GET    /v1/admin/sessions              200 {"sessions": [...]}      every live session
     DELETE /v1/admin/sessions/{id}         204 once it is closing (4002); unknown id 404
     GET    /v1/admin/agents                200 {"agents": [{"name", "draining", "sessions"}]}
@@ -50,6 +50,7 @@ _STATIC = {
     "/": ("live.html", "text/html; charset=utf-8"),
     "/live.js": ("live.js", "text/javascript; charset=utf-8"),
     "/live.css": ("live.css", "text/css; charset=utf-8"),
+    "/live.svg": ("live.svg", "image/svg+xml"),
 }
 _SESSION = re.compile(r"/v1/admin/sessions/([^/]+)")
 _DRAIN = re.compile(r"/v1/admin/agents/([^/]+)/drain")

@@ -112,6 +112,7 @@ class ControlState:
     is_full: Callable[[str], bool] = _never_full
     store_up: Callable[[], bool] | None = None
     operations: Operations | None = None  # operator API and drains (admin.py); None = off
+    before_metrics: Callable[[], None] | None = None  # brings relayed counts up to date
 
 
 class _Refuse(Exception):
@@ -236,6 +237,8 @@ class ControlApp:
                     no_store=True,
                 )
             else:
+                if self.state.before_metrics is not None:
+                    self.state.before_metrics()
                 data, content_type = self.state.metrics.render()
                 await _respond(send, 200, data, content_type, cors, head=method == "HEAD")
         except _Refuse as refusal:

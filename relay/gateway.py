@@ -136,7 +136,8 @@ class Gateway:
         )
         self.control_app = make_control_app(ControlState(
             config=config, keyring=keys, store=self.rt.store, metrics=metrics,
-            now=wall_clock, is_full=self._is_full_rejecting, operations=self.rt.operations))
+            now=wall_clock, is_full=self._is_full_rejecting, operations=self.rt.operations,
+            before_metrics=self._flush_counts))
         self.connections: set[ClientConnection] = set()
         self._listeners: list[socket.socket] = []
         self._accept_scopes: list[trio.CancelScope] = []
@@ -259,8 +260,12 @@ class Gateway:
         # added to the metrics in batches here and at session end, never per message.
         while True:
             await trio.sleep(METRICS_INTERVAL)
-            for cc in list(self.connections):
-                cc.flush_counts()
+            self._flush_counts()
+
+    def _flush_counts(self) -> None:
+        # Also on each /metrics scrape, so a scrape (and the live page) sees current counts.
+        for cc in list(self.connections):
+            cc.flush_counts()
 
     async def shutdown(self) -> None:
         """Stop accepting, close every session with 1001, then stop both planes.
