@@ -9,7 +9,9 @@ are fine while every bind is on loopback: only this machine can reach the gatewa
 - every secret in the key ring (the variable ``[server] secret_env`` names) to be at least
   ``MIN_SECRET_BYTES`` bytes: a token is an HMAC over known fields, so one token lets anyone
   brute-force a short secret offline, and then mint tokens at will. Unset is fine with the
-  memory store: the gateway then uses a random 32-byte key.
+  memory store: the gateway then uses a random 32-byte key, and
+- every ``[server] admin_keys`` entry to be at least ``MIN_ADMIN_KEY_CHARS`` characters:
+  an admin key ends any session and drains any agent, and the API answers every guess.
 
 It raises ``ConfigError`` naming the key (``relay serve`` and ``relay check-config`` exit 2
 with it) and otherwise returns the warnings to log for development defaults on loopback.
@@ -28,12 +30,20 @@ from relay.config import Bind, Config
 from relay.errors import ConfigError
 from relay.tokens import KeyRing
 
-__all__ = ["DEV_PUBLIC_KEY", "MIN_SECRET_BYTES", "check_exposure", "is_loopback"]
+__all__ = [
+    "DEV_PUBLIC_KEY",
+    "MIN_ADMIN_KEY_CHARS",
+    "MIN_SECRET_BYTES",
+    "check_exposure",
+    "is_loopback",
+]
 
 #: The public key a config without ``public_keys`` accepts (SPEC §2's example, well known).
 DEV_PUBLIC_KEY = "pk_dev_123"
 #: Shortest HMAC secret accepted beyond loopback, in bytes (256 bits, SHA-256's size).
 MIN_SECRET_BYTES = 32
+#: Shortest admin key accepted beyond loopback (e.g. ``openssl rand -hex 16``).
+MIN_ADMIN_KEY_CHARS = 32
 
 
 def is_loopback(host: str) -> bool:
@@ -99,6 +109,15 @@ def check_exposure(config: Config, environ: Mapping[str, str]) -> list[str]:
                 "or one token lets anyone guess it offline",
                 key=f"environment variable {var}",
             )
+        for i, admin_key in enumerate(config.server.admin_keys):
+            if len(admin_key) < MIN_ADMIN_KEY_CHARS:
+                raise ConfigError(
+                    f"is {len(admin_key)} characters long; admin keys must be at least "
+                    f"{MIN_ADMIN_KEY_CHARS} when a bind is outside loopback ({exposed}): "
+                    "the operator API answers every guess",
+                    key=f"server.admin_keys[{i}]",
+                    file=config.source,
+                )
         return []
 
     warnings: list[str] = []

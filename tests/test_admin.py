@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 
+import attrs
 import pytest
 import trio
 from support import bot_server, http, make_config, open_client, raw_upgrade_status, running
@@ -333,3 +334,28 @@ async def test_the_live_page_is_served_with_a_strict_csp_and_no_inline_script() 
         assert status == 200 and headers["content-type"].startswith("text/css")
         status, headers, body = await api(gw.api_port, "HEAD", "/", [])
         assert (status, body) == (200, b"")
+
+
+# -- exposure ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("keys", "index"), [(["short"], 0), (["a" * 32, "b" * 31], 1)])
+def test_beyond_loopback_a_short_admin_key_is_refused_naming_it(keys: list[str],
+                                                                index: int) -> None:
+    from relay.config import build_config
+    from relay.errors import ConfigError
+    from relay.exposure import check_exposure
+
+    config = build_config(
+        server={"ws_bind": ["0.0.0.0:8700"], "public_keys": ["pk_own"], "admin_keys": keys},
+        agents={"a": {"bot": "python:relay.echo:echo_bot"}})
+    with pytest.raises(ConfigError) as info:
+        check_exposure(config, {})
+    assert info.value.key == f"server.admin_keys[{index}]"
+    assert keys[index] not in str(info.value)  # the key itself is never printed
+    strong = attrs.evolve(config, server=attrs.evolve(config.server,
+                                                      admin_keys=("k" * 32,)))
+    assert check_exposure(strong, {}) == []
+    loopback = build_config(server={"admin_keys": ["short"]},
+                            agents={"a": {"bot": "python:relay.echo:echo_bot"}})
+    assert all("admin" not in w for w in check_exposure(loopback, {}))
