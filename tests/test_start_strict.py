@@ -220,6 +220,14 @@ async def _error_case(code: str) -> tuple[Harness, Response]:
         h.state.store = h.store = MemoryStore(max_entries=1)
         await h.store.put_session("held-before", b"{}", T0 + 60, now=T0)
         return h, await drive(h.app, feeder([OK_BODY]))
+    if code == "draining":  # the operator drains the agent: nothing is held for it
+        from relay.admin import LocalOperations
+        from relay.registry import Registry
+
+        h = Harness(h.config)
+        h.state.operations = LocalOperations(Registry(), lambda: T0)
+        await h.state.operations.set_draining("tok", True)
+        return h, await drive(h.app, feeder([OK_BODY]))
     if code == "internal_error":
         h = Harness(h.config)
         h.state.store = _BrokenStore()
