@@ -35,6 +35,7 @@ import attrs
 import trio
 
 from . import closing
+from .admin import draining_reject
 from .auth import Grant, authenticate, consume, release
 from .closing import CloseCode
 from .config import AgentConfig
@@ -87,6 +88,9 @@ async def _open(cc: ClientConnection, r: Route, upgrade: Upgrade,
     agent: AgentConfig | None = None
     if not r.deferred:  # 1. the URL routes: its token is checked before the 101
         agent = rt.config.agents[r.agent]
+        if rt.operations.is_draining(agent.name):  # the operator's drain: 503, token kept
+            await cc._refuse(draining_reject(agent.name))
+            return None
         checked = await authenticate(rt, agent, r, headers)
         if isinstance(checked, Reject):
             await cc._refuse(checked)
@@ -121,6 +125,9 @@ async def _open(cc: ClientConnection, r: Route, upgrade: Upgrade,
                 f"no agent {resolved.agent!r} in organization {resolved.org!r} here"))
             return None
         agent = rt.config.agents[resolved.agent]
+        if rt.operations.is_draining(agent.name):  # after the 101: 1013, token kept
+            await _close_opening(cc, reader, _token_close(draining_reject(agent.name)))
+            return None
         checked = await authenticate(rt, agent, resolved, headers)
         if isinstance(checked, Reject):
             await _close_opening(cc, reader, _token_close(checked))

@@ -359,3 +359,40 @@ def test_beyond_loopback_a_short_admin_key_is_refused_naming_it(keys: list[str],
     loopback = build_config(server={"admin_keys": ["short"]},
                             agents={"a": {"bot": "python:relay.echo:echo_bot"}})
     assert all("admin" not in w for w in check_exposure(loopback, {}))
+
+
+# -- provider endpoints ----------------------------------------------------------------------
+
+
+async def test_a_provider_endpoint_routed_by_its_url_gets_503_draining_before_the_101() -> None:
+    from test_provider_e2e import Refusal, provider
+
+    async with bot_server() as bot, running(make_config(
+            bot.url, agent="bot", server={"admin_keys": [ADMIN]})) as gw:
+        await gw.gateway.operations.set_draining("bot", True)
+        async with provider(gw.ws_port, "/ws/twilio/bot.local") as p:
+            assert isinstance(p, Refusal)
+            assert (p.status, p.body["code"]) == (503, "draining")
+    assert bot.requests == []
+
+
+async def test_twilio_routed_by_its_start_to_a_draining_agent_is_1013_token_kept() -> None:
+    from test_provider_e2e import Provider, frame, provider, token, twilio_opening
+
+    tok = token()
+    opening = twilio_opening(_pipecatCloudServiceHost="bot.local", token=tok)
+    async with bot_server() as bot, running(make_config(
+            bot.url, agent="bot", websocket_auth="token",
+            server={"admin_keys": [ADMIN]})) as gw:
+        await gw.gateway.operations.set_draining("bot", True)
+        async with provider(gw.ws_port, "/ws/twilio") as p:
+            assert isinstance(p, Provider)
+            await p.send(b"".join(frame(m) for m in opening))
+            assert await p.closed() == (1013, "try again later: draining")
+        assert bot.requests == []
+        await gw.gateway.operations.set_draining("bot", False)
+        async with provider(gw.ws_port, "/ws/twilio") as p:  # the token was not used up
+            assert isinstance(p, Provider)
+            await p.send(b"".join(frame(m) for m in opening))
+            assert [await p.message() for _ in range(2)] == opening
+    assert len(bot.requests) == 1
