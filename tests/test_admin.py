@@ -394,3 +394,18 @@ async def test_twilio_routed_by_its_start_to_a_draining_agent_is_1013_token_kept
             await p.send(b"".join(frame(m) for m in opening))
             assert [await p.message() for _ in range(2)] == opening
     assert len(bot.requests) == 1
+
+
+async def test_a_clients_headers_never_reach_the_listing() -> None:
+    """What a client sends (X-Forwarded-For, User-Agent, Origin) is not what the operator
+    sees: the address is the socket's peer, and no listed field carries client text."""
+    hostile = "<img src=x onerror=alert(1)>\n"
+    async with running(admin_config()) as gw, open_client(
+            gw.url(), extra_headers=[("X-Forwarded-For", "<b>10.0.0.1</b>"),
+                                     ("User-Agent", hostile.strip())]) as ws:
+        await ws.send_message("x")
+        assert await ws.get_message() == "x"
+        (s,) = await sessions(gw.api_port)
+        assert s["client_addr"] == "127.0.0.1"
+        status, _, body = await api(gw.api_port, "GET", "/v1/admin/sessions")
+        assert status == 200 and b"<" not in body and b"10.0.0.1" not in body
