@@ -39,6 +39,14 @@ Keys beyond SPEC §2, our additions:
                                          bodies use at most this many MiB.
     [server] admin_keys = []             Bearer keys of the operator API and live page
                                          (``relay.admin_api``); empty = those paths are 404.
+    [server] start_rate = 20             /start requests per second per public key (a token
+    [server] start_burst = 50            bucket of start_burst); over it 429 with Retry-After.
+    [server] max_connections_per_ip = 1000   open client connections from one IP address;
+                                         one more is answered 503 at once.
+    [server] max_handshakes = 1000       connections whose upgrade request is still being
+    [server] max_handshakes_per_ip = 64  read (at most handshake_timeout each), overall and
+                                         from one IP; one more is answered 503 at once, so
+                                         idle sockets cannot take every connection slot.
 
 Choices where the SPEC is silent:
 
@@ -180,6 +188,11 @@ class ServerConfig:
     start_body_timeout: float = 10.0  # seconds for a /start request's whole body (then 408)
     max_start_body_reads: int = 64  # /start bodies read at once; one more gets 503
     admin_keys: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)  # operator API
+    start_rate: float = 20.0  # /start requests per second per public key (then 429)
+    start_burst: int = 50  # /start requests one key may make at once
+    max_connections_per_ip: int = 1000  # open client connections from one IP (then 503)
+    max_handshakes: int = 1000  # upgrade requests being read at once (then 503)
+    max_handshakes_per_ip: int = 64  # the same, from one IP
     defaults: Limits = DEFAULT_LIMITS  # per-agent limits set under [server]
 
 
@@ -326,6 +339,11 @@ _SERVER_KEYS = (
     "start_body_timeout",
     "max_start_body_reads",
     "admin_keys",
+    "start_rate",
+    "start_burst",
+    "max_connections_per_ip",
+    "max_handshakes",
+    "max_handshakes_per_ip",
     *LIMIT_KEYS,
 )
 _STORE_KEYS = ("backend", "url")
@@ -404,6 +422,11 @@ def _parse_server(t: _Table) -> ServerConfig:
         start_body_timeout=t.seconds("start_body_timeout", 10.0),
         max_start_body_reads=t.positive_int("max_start_body_reads", 64),
         admin_keys=admin_keys,
+        start_rate=t.rate("start_rate", 20.0),
+        start_burst=t.positive_int("start_burst", 50),
+        max_connections_per_ip=t.positive_int("max_connections_per_ip", 1000),
+        max_handshakes=t.positive_int("max_handshakes", 1000),
+        max_handshakes_per_ip=t.positive_int("max_handshakes_per_ip", 64),
         defaults=attrs.evolve(DEFAULT_LIMITS, **_limit_overrides(t)),
     )
 
@@ -623,6 +646,14 @@ class _Table:
     def _number(self, name: str, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(name, f"must be a number of seconds, {_got(value)}")
+        return float(value)
+
+    def rate(self, name: str, default: float) -> float:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(name, f"must be a number per second, {_got(value)}")
+        if not math.isfinite(value) or value <= 0:
+            self.fail(name, f"must be a positive, finite number per second, got {value!r}")
         return float(value)
 
     def seconds(self, name: str, default: float) -> float:

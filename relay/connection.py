@@ -58,6 +58,7 @@ from .handshake import (
     refuse_early,
 )
 from .inprocess import InprocessLeg
+from .limits import REFUSAL_DETAILS, TOO_MANY_HANDSHAKES, TOO_MANY_HANDSHAKES_FROM_IP
 from .passthrough import Passthrough
 from .provider_connection import open_provider
 from .registry import CancellableMember
@@ -73,6 +74,10 @@ REFUSE_TIMEOUT = 1.0  # seconds to write a refusal (and linger) before dropping 
 LINGER_BYTES = 1 << 20  # bytes we read and drop after a refusal before closing anyway
 
 Leg = Passthrough | InprocessLeg
+
+#: Handshake slots free up within handshake_timeout: those refusals say when to retry.
+RETRY_AFTER = {reason: ((b"retry-after", b"1"),)
+               for reason in (TOO_MANY_HANDSHAKES, TOO_MANY_HANDSHAKES_FROM_IP)}
 
 
 @attrs.define
@@ -95,13 +100,29 @@ class ClientConnection(CancellableMember):
         self._agent: str | None = None
         self._leg: Leg | None = None
         self._flushed = (0, 0, 0, 0)
+        self._ip = conn.peer()
+        self._limited: str | None = None
+        self._handshaking = False
+
+    def _end_handshake(self) -> None:
+        """This connection's upgrade request has been read (or never will be)."""
+        if self._handshaking:
+            self._handshaking = False
+            self.rt.gate.handshake_done(self._ip)
+            self.rt.metrics.handshakes_in_flight.set(self.rt.gate.handshakes_total)
 
     async def serve(self) -> None:
+        gate = self.rt.gate
+        self._limited = gate.open(self._ip)
+        self._handshaking = self._limited is None
+        self.rt.metrics.handshakes_in_flight.set(gate.handshakes_total)
         try:
             await self._serve()
         except Exception:
             log.exception("connection from %s failed", self.conn.peer())
         finally:
+            self._end_handshake()
+            gate.close(self._ip)
             if self._agent is not None:
                 self.rt.registry.release(self, self._agent)
             with trio.CancelScope(shield=True):
@@ -280,10 +301,16 @@ class ClientConnection(CancellableMember):
         server = rt.config.server
         refusal = refuse_early(shutting_down=rt.shutting_down,
                                over_capacity=rt.open_connections > server.max_connections)
+        if refusal is None and self._limited is not None:
+            refusal = Reject(503, self._limited, REFUSAL_DETAILS[self._limited],
+                             RETRY_AFTER.get(self._limited, ()))
         if refusal is not None:  # answered before reading anything
+            if refusal.code != "shutting_down":
+                rt.metrics.connection_refused(refusal.code)
             await self._refuse(refusal)
             return None
         got = await self._read_request()
+        self._end_handshake()
         if got is None:
             return None
         if isinstance(got, Reject):

@@ -7,6 +7,9 @@ starts a bot: /start only mints a token and holds the body in the store (SPEC §
 ``{"error", "code", "detail"}``:
 
     401 unauthorized              no ``Authorization: Bearer`` or a key not in public_keys
+    429 rate_limited              this public key is over ``[server] start_rate`` per second
+                                  (a bucket of ``start_burst``); ``Retry-After`` says when
+                                  it may call again. Counted before anything else is done.
     404 agent_not_found           no such agent
     503 draining                  the operator is draining this agent (admin.py)
     413 payload_too_large         request body over 1 MiB: decided from Content-Length or
@@ -60,6 +63,7 @@ from relay.admin import Operations
 from relay.admin_api import handle_admin, is_admin_path
 from relay.config import Config
 from relay.handshake import origin_matches
+from relay.limits import StartRateLimiter, retry_after
 from relay.metrics import Metrics
 from relay.store import Store, StoreFull, StoreUnavailable
 from relay.tokens import TOKEN_LIFETIME, KeyRing, mint
@@ -113,6 +117,7 @@ class ControlState:
     store_up: Callable[[], bool] | None = None
     operations: Operations | None = None  # operator API and drains (admin.py); None = off
     before_metrics: Callable[[], None] | None = None  # brings relayed counts up to date
+    clock: Callable[[], float] = trio.current_time  # monotonic seconds: /start rate limit
 
 
 class _Refuse(Exception):
@@ -177,6 +182,9 @@ class ControlApp:
         self.state = state
         #: /start bodies being read right now (bounded by [server] max_start_body_reads)
         self.reading_bodies = 0
+        server = state.config.server
+        self.start_limiter = StartRateLimiter(server.public_keys, rate=server.start_rate,
+                                              burst=server.start_burst)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -351,7 +359,8 @@ class ControlApp:
     async def _start(self, scope: Scope, receive: Receive, agent_name: str) -> tuple[int, bytes]:
         state = self.state
         server = state.config.server
-        self._check_public_key(scope)
+        key = self._check_public_key(scope)
+        self._check_rate(key)
         agent = state.config.agents.get(agent_name)
         if agent is None:
             raise _Refuse(
@@ -476,7 +485,24 @@ class ControlApp:
         # with StoreUnavailable anyway. Only a cached flag is consulted here.
         return self.state.store_up() if self.state.store_up is not None else True
 
-    def _check_public_key(self, scope: Scope) -> None:
+    def _check_rate(self, key: str) -> None:
+        """429 with Retry-After when this public key is over its /start rate."""
+        wait = self.start_limiter.take(key, self.state.clock())
+        if wait <= 0:
+            return
+        server = self.state.config.server
+        seconds = retry_after(wait)
+        self.state.metrics.start_rate_limited()
+        raise _Refuse(
+            429,
+            "rate_limited",
+            "Too many /start requests.",
+            f"This public key may call /start {server.start_rate:g} times per second "
+            f"(bursts of {server.start_burst}); try again in {seconds} s.",
+            ((b"retry-after", str(seconds).encode()),),
+        )
+
+    def _check_public_key(self, scope: Scope) -> str:
         value = _header(scope, b"authorization")
         presented = b""
         if value is not None:
@@ -484,8 +510,11 @@ class ControlApp:
             if scheme.lower() == b"bearer":
                 presented = rest.strip()
         matched = False
+        found = ""
         for key in self.state.config.server.public_keys:  # no early exit: constant time
-            matched |= hmac.compare_digest(presented, key.encode())
+            same = hmac.compare_digest(presented, key.encode())
+            matched |= same
+            found = key if same else found
         if not presented or not matched:
             raise _Refuse(
                 401,
@@ -494,6 +523,7 @@ class ControlApp:
                 "Send the gateway's public key as 'Authorization: Bearer <key>'.",
                 ((b"www-authenticate", b"Bearer"),),
             )
+        return found
 
 
 def _store_down() -> _Refuse:

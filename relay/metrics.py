@@ -24,6 +24,11 @@ relay's own listener, and sessions served through ``Gateway.handle()``.
                                                      rejected | timeout (the client got 502/504)
     store_full_total{bound}                counter   refusals (503 store_full) at a store bound:
                                                      sessions | body_bytes | markers
+    start_rate_limited_total               counter   /start answered 429 rate_limited
+    connections_refused_total{reason}      counter   data-plane connections answered 503 at
+                                                     once: too_many_connections(_per_ip),
+                                                     too_many_handshakes(_per_ip)
+    handshakes_in_flight                   gauge     upgrade requests being read now
 """
 
 from __future__ import annotations
@@ -40,10 +45,12 @@ from prometheus_client import (
 )
 
 from .errors import DIAL_FAILURE_REASONS
+from .limits import REFUSAL_REASONS
 
-__all__ = ["DIRECTIONS", "Metrics"]
+__all__ = ["CONNECTION_REFUSALS", "DIRECTIONS", "Metrics"]
 
 DIRECTIONS: Final = ("client_to_bot", "bot_to_client")
+CONNECTION_REFUSALS: Final = ("too_many_connections", *REFUSAL_REASONS)
 
 # Bot dial time: a local bot answers in milliseconds; bot_connect_timeout defaults to 10 s.
 _DIAL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -107,6 +114,22 @@ class Metrics:
             ["bound"],
             registry=r,
         )
+        self._rate_limited = Counter(
+            "relay_start_rate_limited",
+            "/start requests refused (429) for their public key's rate",
+            registry=r,
+        )
+        self._conn_refused = Counter(
+            "relay_connections_refused",
+            "Data-plane connections refused (503) at a connection or handshake limit",
+            ["reason"],
+            registry=r,
+        )
+        self.handshakes_in_flight = Gauge(
+            "relay_handshakes_in_flight", "Upgrade requests being read now", registry=r
+        )
+        for reason in CONNECTION_REFUSALS:
+            self._conn_refused.labels(reason)
         for direction in DIRECTIONS:  # present at 0 from the first scrape
             self._messages.labels(direction)
             self._bytes.labels(direction)
@@ -144,6 +167,14 @@ class Metrics:
 
     def store_full(self, bound: str) -> None:
         self._store_full.labels(bound).inc()
+
+    def start_rate_limited(self) -> None:
+        self._rate_limited.inc()
+
+    def connection_refused(self, reason: str) -> None:
+        if reason not in CONNECTION_REFUSALS:
+            raise ValueError(f"reason must be one of {CONNECTION_REFUSALS}, not {reason!r}")
+        self._conn_refused.labels(reason).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for ``GET /metrics``."""

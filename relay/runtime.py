@@ -20,6 +20,7 @@ import attrs
 from .admin import LocalOperations, Operations
 from .config import Config
 from .inprocess import BotFunction
+from .limits import ConnectionGate
 from .metrics import Metrics
 from .registry import Registry
 from .store import MemoryStore
@@ -82,3 +83,11 @@ class Runtime:
     # The operator's view and levers (admin.py); a fleet passes its own implementation.
     operations: Operations = attrs.field(default=attrs.Factory(
         lambda self: LocalOperations(self.registry, self.wall_clock), takes_self=True))
+    gate: ConnectionGate = attrs.field()
+
+    @gate.default
+    def _gate(self) -> ConnectionGate:
+        server = self.config.server
+        return ConnectionGate(max_connections_per_ip=server.max_connections_per_ip,
+                              max_handshakes=server.max_handshakes,
+                              max_handshakes_per_ip=server.max_handshakes_per_ip)
