@@ -44,7 +44,7 @@ Keys beyond SPEC §2, our additions:
     [server] max_connections_per_ip = 1000   open client connections from one IP address;
                                          one more is answered 503 at once.
     [server] max_handshakes = 1000       connections whose upgrade request is still being
-    [server] max_handshakes_per_ip = 64  read (at most handshake_timeout each), overall and
+    [server] max_handshakes_per_ip = 256 read (at most handshake_timeout each), overall and
                                          from one IP; one more is answered 503 at once, so
                                          idle sockets cannot take every connection slot.
 
@@ -192,7 +192,7 @@ class ServerConfig:
     start_burst: int = 50  # /start requests one key may make at once
     max_connections_per_ip: int = 1000  # open client connections from one IP (then 503)
     max_handshakes: int = 1000  # upgrade requests being read at once (then 503)
-    max_handshakes_per_ip: int = 64  # the same, from one IP
+    max_handshakes_per_ip: int = 256  # the same, from one IP
     defaults: Limits = DEFAULT_LIMITS  # per-agent limits set under [server]
 
 
@@ -426,7 +426,7 @@ def _parse_server(t: _Table) -> ServerConfig:
         start_burst=t.positive_int("start_burst", 50),
         max_connections_per_ip=t.positive_int("max_connections_per_ip", 1000),
         max_handshakes=t.positive_int("max_handshakes", 1000),
-        max_handshakes_per_ip=t.positive_int("max_handshakes_per_ip", 64),
+        max_handshakes_per_ip=t.positive_int("max_handshakes_per_ip", 256),
         defaults=attrs.evolve(DEFAULT_LIMITS, **_limit_overrides(t)),
     )
 

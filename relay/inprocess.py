@@ -290,6 +290,12 @@ class InprocessLeg(BotHost):
                     if self._pong is not None and bytes(event.payload) == self._pong[0]:
                         self._pong[1].set()
                 elif isinstance(event, CloseConnection):
+                    if self.ws.state is ConnectionState.OPEN:
+                        # Not the client's close: wsproto found a protocol error in its
+                        # bytes (1002, 1007). The client gets that code; the session ends.
+                        self.end(closing.client_violation(
+                            event.code, closing.close_reason_text(event.reason or "")))
+                        return
                     self._close_received = True
                     if self.client_close is None:
                         self.client_close = (int(event.code), event.reason or "")

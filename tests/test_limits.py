@@ -118,7 +118,7 @@ def test_limit_keys_have_documented_defaults() -> None:
     server = build_config(agents={"a": {"bot": "ws://127.0.0.1:9/"}}).server
     assert (server.start_rate, server.start_burst) == (20.0, 50)
     assert server.max_connections_per_ip == 1000
-    assert (server.max_handshakes, server.max_handshakes_per_ip) == (1000, 64)
+    assert (server.max_handshakes, server.max_handshakes_per_ip) == (1000, 256)
 
 
 @pytest.mark.parametrize("key, value, problem", [
