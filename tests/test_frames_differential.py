@@ -76,6 +76,19 @@ class Reference:
         # wsproto's client=True reads a server's (unmasked) frames, and vice versa
         proto = FrameProtocol(client=not masked, extensions=[_AnyRsv()])
         proto.receive_bytes(stream)
+        # Each header wsproto accepted, in order: a text frame's decoded payload may hold
+        # fewer bytes than the frame (a UTF-8 sequence split across frames).
+        decoder = proto._frame_decoder
+        lengths: list[int] = []
+        parse_header = decoder.parse_header
+
+        def spy() -> bool:
+            done = parse_header()
+            if done:
+                lengths.append(decoder.header.payload_len)
+            return bool(done)
+
+        decoder.parse_header = spy
         self.frames: list[tuple[int, int, bool, bytes, int]] = []  # op, len, fin, payload, end
         self.failed: int | None = None  # wsproto's close code, when it refused a frame
         self.after_close = False
@@ -97,7 +110,13 @@ class Reference:
                     continue
                 payload = b"".join([*parts, payload])
                 parts = []
-                end = offset + _header_len(len(payload), masked) + len(payload)
+                n = lengths[len(self.frames)]
+                if op in (1, 2):  # compare the raw payload: the frame as it was sent
+                    hl = _header_len(n, masked)
+                    payload = _unmasked(stream[offset + hl:offset + hl + n],
+                                        stream[offset + hl - 4:offset + hl] if masked else None)
+                assert len(payload) == n
+                end = offset + _header_len(n, masked) + n
                 fin = bool(stream[offset] & 0x80)
                 wire_op = stream[offset] & 0x0F  # wsproto reports a message's first opcode
                 self.frames.append((wire_op if op in (1, 2) else op, len(payload), fin,
@@ -107,12 +126,17 @@ class Reference:
                     self.after_close = True  # wsproto reads nothing after a close
         except ParseFailed as exc:
             self.failed = int(exc.code)
-        decoder = proto._frame_decoder
         self.tail_in_data_frame = (
             self.failed is None and decoder.header is not None
             and not decoder.header.opcode.iscontrol())
         self.missing = (decoder.header.payload_len - decoder.payload_consumed
                         if self.tail_in_data_frame else 0)  # payload bytes still to come
+
+
+def _unmasked(payload: bytes, key: bytes | None) -> bytes:
+    if key is None:
+        return payload
+    return bytes(a ^ b for a, b in zip(payload, key * (len(payload) // 4 + 1), strict=False))
 
 
 def _close_payload(rest: bytes, masked: bool) -> bytes | None:
@@ -273,6 +297,10 @@ def test_each_ending_of_the_comparison_is_reachable() -> None:
     }
     for expected, stream in cases.items():
         assert check_against_wsproto(stream, masked=True) == expected, expected
+    # found by scripts/fuzz: a UTF-8 sequence split across two frames of a text message
+    split = raw_frame(OP_TEXT, "é".encode()[:1], key=k, fin=False) + raw_frame(
+        OP_CONT, "é".encode()[1:], key=k)
+    assert check_against_wsproto(split, masked=True) == "whole"
 
 
 def test_refusals_match_wsproto_code_for_code() -> None:
