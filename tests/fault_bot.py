@@ -18,8 +18,8 @@ Events printed (flushed): "port N", "open PATH", "closed PATH CODE" (a close fra
 from __future__ import annotations
 
 import struct
-from functools import partial
 import sys
+from functools import partial
 
 import trio
 from wsproto import ConnectionType, WSConnection

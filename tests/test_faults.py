@@ -207,7 +207,7 @@ async def test_bot_killed_mid_message_closes_the_client_at_once_and_frees_the_sl
                 bot.signal(signal.SIGKILL)
                 code = await client.until_close()
                 took = time.monotonic() - killed
-                while gw.gateway.session_count():
+                while gw.gateway.session_count():  # noqa: ASYNC110 - polls gateway state
                     await trio.sleep(0.01)
             await client.stream.aclose()
     assert code == expected
@@ -220,18 +220,18 @@ async def test_bot_killed_mid_message_closes_the_client_at_once_and_frees_the_sl
 
 
 async def test_bot_answering_the_upgrade_with_garbage_is_502() -> None:
-    async with bot_process() as (_bot, port):
-        async with running(make_config(f"ws://127.0.0.1:{port}/garbage")) as gw:
-            with trio.fail_after(BOUND):
-                stream = await trio.open_tcp_stream("127.0.0.1", gw.ws_port)
-                await stream.send_all(
-                    b"GET /ws/generic/a.local HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n"
-                    b"connection: Upgrade\r\nsec-websocket-version: 13\r\n"
-                    b"sec-websocket-key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n\r\n")
-                answer = b""
-                while chunk := await stream.receive_some(65536):
-                    answer += chunk
-                await stream.aclose()
+    async with bot_process() as (_bot, port), running(
+            make_config(f"ws://127.0.0.1:{port}/garbage")) as gw:
+        with trio.fail_after(BOUND):
+            stream = await trio.open_tcp_stream("127.0.0.1", gw.ws_port)
+            await stream.send_all(
+                b"GET /ws/generic/a.local HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n"
+                b"connection: Upgrade\r\nsec-websocket-version: 13\r\n"
+                b"sec-websocket-key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n\r\n")
+            answer = b""
+            while chunk := await stream.receive_some(65536):
+                answer += chunk
+            await stream.aclose()
     assert answer.startswith(b"HTTP/1.1 502 "), answer[:100]
     assert b'"code":"bad_gateway"' in answer
 
@@ -285,7 +285,7 @@ async def test_a_paused_peer_is_closed_after_stall_timeout_with_bounded_memory(
             with trio.fail_after(BOUND):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_healthy_rtts, ws_port, stop, rtts)
-                    while len(rtts) < 20:  # warm
+                    while len(rtts) < 20:  # noqa: ASYNC110 - warm: wait for 20 RTTs
                         await trio.sleep(0.05)
                     base = rss(gw.process.pid)
                     peak = base
@@ -358,33 +358,33 @@ async def test_sigterm_with_500_live_sessions_gives_everyone_1001_and_exits_in_t
         tmp_path: Path) -> None:
     n = 500
     close_timeout = 2.0
-    async with bot_process() as (bot, port):
-        async with gateway_process(tmp_path, {"echo": f"ws://127.0.0.1:{port}/echo"},
-                                   close_timeout=close_timeout) as (gw, ws_port):
-            clients: list[RawClient] = []
-            with trio.fail_after(BOUND * 2):
-                for _ in range(n):
-                    clients.append(await RawClient.connect(ws_port, "/ws/generic/echo.local"))
+    async with bot_process() as (bot, port), gateway_process(
+            tmp_path, {"echo": f"ws://127.0.0.1:{port}/echo"},
+            close_timeout=close_timeout) as (gw, ws_port):
+        clients: list[RawClient] = []
+        with trio.fail_after(BOUND * 2):
+            for _ in range(n):
+                clients.append(await RawClient.connect(ws_port, "/ws/generic/echo.local"))
+            for c in clients:
+                await c.send(b"ping")
+            for c in clients:
+                while not c.data.endswith(b"ping"):
+                    c.feed(await c.stream.receive_some(65536))
+            codes: list[int | None] = []
+            gw.signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            async with trio.open_nursery() as nursery:
                 for c in clients:
-                    await c.send(b"ping")
-                for c in clients:
-                    while not c.data.endswith(b"ping"):
-                        c.feed(await c.stream.receive_some(65536))
-                codes: list[int | None] = []
-                gw.signal(signal.SIGTERM)
-                signalled = time.monotonic()
-                async with trio.open_nursery() as nursery:
-                    for c in clients:
 
-                        async def one(c: RawClient = c) -> None:
-                            codes.append(await c.until_close())
-                            await c.send(b"\x03\xe9", opcode=8)  # answer the close
-                            await c.stream.aclose()
+                    async def one(c: RawClient = c) -> None:
+                        codes.append(await c.until_close())
+                        await c.send(b"\x03\xe9", opcode=8)  # answer the close
+                        await c.stream.aclose()
 
-                        nursery.start_soon(one)
-                status = await gw.process.wait()
-                exited = time.monotonic() - signalled
-                await bot.wait_for("closed /echo 1001", n)
+                    nursery.start_soon(one)
+            status = await gw.process.wait()
+            exited = time.monotonic() - signalled
+            await bot.wait_for("closed /echo 1001", n)
     assert status == 0
     assert codes == [1001] * n
     assert bot.lines.count("closed /echo 1001") == n
