@@ -270,7 +270,7 @@ def streams(draw: st.DrawFn, masked: bool) -> bytes:
     return out[: len(out) - draw(st.sampled_from([0, 0, 0, 1, 2, 5, 13]))]
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(masked=st.booleans(), data=st.data())
 def test_scanner_agrees_with_wsproto(masked: bool, data: st.DataObject) -> None:
     check_against_wsproto(data.draw(streams(masked), label="stream"), masked)

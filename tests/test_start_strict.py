@@ -228,6 +228,10 @@ async def _error_case(code: str) -> tuple[Harness, Response]:
         h.state.operations = LocalOperations(Registry(), lambda: T0)
         await h.state.operations.set_draining("tok", True)
         return h, await drive(h.app, feeder([OK_BODY]))
+    if code == "rate_limited":  # the key's one token is spent by a 404, then 429
+        h = harness(start_rate=1, start_burst=1)
+        await drive(h.app, feeder([OK_BODY]), path="/v1/public/nobody/start")
+        return h, await drive(h.app, feeder([OK_BODY]))
     if code == "internal_error":
         h = Harness(h.config)
         h.state.store = _BrokenStore()

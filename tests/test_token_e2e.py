@@ -92,6 +92,8 @@ def e2e_config(bot_url: str, *, dead_port: int = 9, **extra_agents: dict[str, An
             "public_url": PUBLIC_URL + "/",
             "organization": ORG,
             "public_keys": ["pk_other", PK],
+            "start_rate": 10000,  # 1000 /start cycles as fast as the machine goes
+            "start_burst": 10000,
         },
         agents={
             "tok": dict(token),
