@@ -311,6 +311,7 @@ async def test_a_paused_peer_is_closed_after_stall_timeout_with_bounded_memory(
                         assert "closed /stream 1001" in bot.lines
                         # 1008, or no close frame when the kernel had taken half a frame
                         assert seen_by_paused in (["close 1008"], ["eof"]), seen_by_paused
+                        paused_saw = seen_by_paused
                     else:
                         client = await RawClient.connect(ws_port, "/ws/generic/echo.local")
                         await bot.wait_for("open /echo")
@@ -342,12 +343,23 @@ async def test_a_paused_peer_is_closed_after_stall_timeout_with_bounded_memory(
                         await client.stream.aclose()
                         assert code == [1001]
                         bot.signal(signal.SIGCONT)
+                        with trio.move_on_after(20):  # it reads its backlog, then the end
+                            while not any(line.startswith(("closed /echo", "gone /echo"))
+                                          for line in bot.lines):
+                                await bot.changed.wait()
+                                bot.changed = trio.Event()
+                        ends = [line for line in bot.lines
+                                if line.startswith(("closed /echo", "gone /echo"))]
+                        # 1008, or no close frame when its kernel had taken half a frame
+                        assert ends in (["closed /echo 1008"], ["gone /echo"]), ends
+                        paused_saw = ends
                     stop.set()
     assert STALL <= closed_after < STALL + 30
     assert peak - base < RSS_BOUND, (base, peak)
     assert len(rtts) >= 20
     assert p99(rtts) < P99_BOUND, sorted(rtts)[-5:]
-    print(f"paused {paused}: closed after {closed_after:.1f} s, RSS +{(peak - base) >> 10} "
+    print(f"paused {paused} (saw {paused_saw}): closed after {closed_after:.1f} s, "
+          f"RSS +{(peak - base) >> 10} "
           f"KiB, healthy RTT p99 {p99(rtts) * 1000:.1f} ms over {len(rtts)} messages")
 
 
