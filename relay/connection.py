@@ -59,6 +59,7 @@ from .handshake import (
 )
 from .inprocess import InprocessLeg
 from .limits import REFUSAL_DETAILS, TOO_MANY_HANDSHAKES, TOO_MANY_HANDSHAKES_FROM_IP
+from .metrics import CONNECTION_REFUSALS
 from .passthrough import Passthrough
 from .provider_connection import open_provider
 from .registry import CancellableMember
@@ -305,7 +306,7 @@ class ClientConnection(CancellableMember):
             refusal = Reject(503, self._limited, REFUSAL_DETAILS[self._limited],
                              RETRY_AFTER.get(self._limited, ()))
         if refusal is not None:  # answered before reading anything
-            if refusal.code != "shutting_down":
+            if refusal.code in CONNECTION_REFUSALS:  # a limit (not shutting down)
                 rt.metrics.connection_refused(refusal.code)
             await self._refuse(refusal)
             return None

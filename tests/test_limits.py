@@ -335,3 +335,16 @@ async def test_a_silent_socket_frees_its_handshake_slot_at_handshake_timeout(
             await silent.aclose()
             await _wait_for(lambda: gate.handshakes_total == 0)
             assert (await _upgrade_from("127.0.0.1", gw.ws_port))[0] == 101
+
+
+async def test_the_global_connection_limit_is_counted_too() -> None:
+    config = make_config(server={"max_connections": 1})
+    async with running(config) as gw:
+        with trio.fail_after(WAIT):
+            idle = await _connect_from("127.0.0.1", gw.ws_port)
+            await _wait_for(lambda: gw.gateway.rt.open_connections == 1)
+            status, answer = await _upgrade_from("127.0.0.2", gw.ws_port)
+            await idle.aclose()
+    assert status == 503 and _envelope(answer)["code"] == "too_many_connections"
+    text = gw.gateway.metrics.render()[0].decode()
+    assert 'relay_connections_refused_total{reason="too_many_connections"} 1.0' in text
