@@ -202,6 +202,8 @@ class StoreConfig:
 
     backend: str = "memory"  # "memory" | "redis"
     url: str = "redis://127.0.0.1:6379/0"  # used when backend = "redis"
+    key_prefix: str = "relay:"  # every Redis key the gateway writes starts with it
+    lease_ttl: float = 15.0  # seconds a vanished instance's sessions still count
 
 
 def _agents_dict(value: Mapping[str, AgentConfig]) -> dict[str, AgentConfig]:
@@ -346,7 +348,7 @@ _SERVER_KEYS = (
     "max_handshakes_per_ip",
     *LIMIT_KEYS,
 )
-_STORE_KEYS = ("backend", "url")
+_STORE_KEYS = ("backend", "url", "key_prefix", "lease_ttl")
 _AGENT_KEYS = ("bot", "websocket_auth", "max_clients", "when_full", "bot_protocol", *LIMIT_KEYS)
 
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -432,15 +434,58 @@ def _parse_server(t: _Table) -> ServerConfig:
 
 
 def _parse_store(t: _Table) -> StoreConfig:
+    # The [store] table's rules; the Redis URL's own rules are in _redis_url_problem.
     t.reject_unknown(_STORE_KEYS)
     backend = t.choice("backend", STORE_BACKENDS, "memory")
     url = t.string("url", "redis://127.0.0.1:6379/0")
-    if backend == "redis" and not url.startswith(("redis://", "rediss://")):
-        t.fail(
-            "url",
-            f'must start with redis:// or rediss:// when backend is "redis", got {_show(url)}',
-        )
-    return StoreConfig(backend=backend, url=url)
+    if backend == "redis":
+        problem = _redis_url_problem(url)
+        if problem:
+            t.fail("url", problem)
+    key_prefix = t.string("key_prefix", "relay:")
+    if not _KEY_PREFIX_RE.fullmatch(key_prefix):
+        t.fail("key_prefix", "must be 1 to 64 visible ASCII characters (no spaces), "
+                             f"got {_show(key_prefix)}")
+    lease_ttl = t.seconds("lease_ttl", 15.0)
+    if lease_ttl < MIN_LEASE_TTL:
+        t.fail("lease_ttl", f"must be at least {MIN_LEASE_TTL:g} seconds (leases are renewed "
+                            f"every third of it), got {lease_ttl!r}")
+    return StoreConfig(backend=backend, url=url, key_prefix=key_prefix, lease_ttl=lease_ttl)
+
+
+def _redact_password(url: str) -> str:
+    """``url`` with any password replaced by ``***``: error messages end up in logs."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.partition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}"
+
+
+_KEY_PREFIX_RE = re.compile(r"[!-~]{1,64}")
+MIN_LEASE_TTL = 3.0
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a usable ``redis://`` / ``rediss://`` URL, or None."""
+    shown = _show(_redact_password(url))
+    if not url.startswith(("redis://", "rediss://")):
+        return f'must start with redis:// or rediss:// when backend is "redis", got {shown}'
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"is not a valid Redis URL ({exc}), got {shown}"
+    if not parts.hostname:
+        return f"must name a host, as in redis://127.0.0.1:6379/0, got {shown}"
+    if port == 0:
+        return f"port must be 1 to 65535, got {shown}"
+    if parts.query or parts.fragment:
+        return f"must not have a query or fragment, got {shown}"
+    db = parts.path.strip("/")
+    if db and not (db.isdigit() and db.isascii()):
+        return f"the database must be a number, as in redis://host:6379/0, got {shown}"
+    return None
 
 
 def _parse_agents(root: _Table, defaults: Limits) -> dict[str, AgentConfig]:

@@ -20,7 +20,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -35,7 +35,7 @@ from .errors import BindError, ConfigError
 from .metrics import Metrics
 from .preflight import prepare
 from .runtime import Callback, Events, Runtime
-from .store import MemoryStore
+from .store import MemoryStore, Store
 from .tokens import KeyRing
 from .wire import Conn, SocketConn, StreamConn, configure_socket, peer_address
 
@@ -99,6 +99,24 @@ def startup_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group
 
 
+@attrs.frozen
+class _StoreParts:
+    store: Store
+    run: Callable[..., Awaitable[None]] | None = None  # started with the planes (Redis)
+    up: Callable[[], bool] | None = None  # cached health, for /health and /start
+
+
+def _make_store(config: Config, metrics: Metrics) -> _StoreParts:
+    """The ``[store]`` the config names: the process's own, or the fleet's Redis."""
+    if config.store.backend == "redis":
+        from .store.redis import RedisStore  # coredis takes ~0.5 s to import: only if used
+
+        redis = RedisStore(config.store.url, key_prefix=config.store.key_prefix,
+                           on_state=metrics.store_state)
+        return _StoreParts(redis, redis.run, lambda: redis.up)
+    return _StoreParts(MemoryStore())
+
+
 class Gateway:
     """A relay gateway: data plane, control plane, sessions, events."""
 
@@ -122,13 +140,14 @@ class Gateway:
         keys = prepared.keys
         metrics = Metrics()
         self.config = config
+        self._store = _make_store(config, metrics)
         self.rt = Runtime(
             config=config,
             events=Events(on_client_connected, on_client_disconnected, on_session_timeout,
                           on_websocket_ready),
             metrics=metrics,
             keys=keys,
-            store=MemoryStore(),
+            store=self._store.store,
             bots=prepared.bots,
             wall_clock=wall_clock,
             client_ssl=prepared.client_ssl,
@@ -137,7 +156,7 @@ class Gateway:
         self.control_app = make_control_app(ControlState(
             config=config, keyring=keys, store=self.rt.store, metrics=metrics,
             now=wall_clock, is_full=self._is_full_rejecting, operations=self.rt.operations,
-            before_metrics=self._flush_counts))
+            before_metrics=self._flush_counts, store_up=self._store.up))
         self.connections: set[ClientConnection] = set()
         self._listeners: list[socket.socket] = []
         self._accept_scopes: list[trio.CancelScope] = []
@@ -180,6 +199,8 @@ class Gateway:
                 self._serve_scope = serve_scope
                 async with trio.open_nursery() as nursery:
                     self._handlers = nursery
+                    if self._store.run is not None:
+                        await nursery.start(self._store.run)
                     api = await nursery.start(serve_control, self.control_app, self.config)
                     for sock in listeners:
                         nursery.start_soon(self._accept_loop, sock)

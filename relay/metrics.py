@@ -29,6 +29,8 @@ relay's own listener, and sessions served through ``Gateway.handle()``.
                                                      once: too_many_connections(_per_ip),
                                                      too_many_handshakes(_per_ip)
     handshakes_in_flight                   gauge     upgrade requests being read now
+    store_up                               gauge     1 while the store answers (Redis), else 0
+    store_down_total                       counter   times the store stopped answering
 """
 
 from __future__ import annotations
@@ -130,6 +132,14 @@ class Metrics:
         )
         for reason in CONNECTION_REFUSALS:
             self._conn_refused.labels(reason)
+        self._store_up = Gauge(
+            "relay_store_up", "1 while the session store answers, 0 while it does not",
+            registry=r,
+        )
+        self._store_up.set(1)
+        self._store_down = Counter(
+            "relay_store_down", "Times the session store stopped answering", registry=r
+        )
         for direction in DIRECTIONS:  # present at 0 from the first scrape
             self._messages.labels(direction)
             self._bytes.labels(direction)
@@ -175,6 +185,11 @@ class Metrics:
         if reason not in CONNECTION_REFUSALS:
             raise ValueError(f"reason must be one of {CONNECTION_REFUSALS}, not {reason!r}")
         self._conn_refused.labels(reason).inc()
+
+    def store_state(self, up: bool) -> None:
+        self._store_up.set(1 if up else 0)
+        if not up:
+            self._store_down.inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for ``GET /metrics``."""

@@ -24,8 +24,8 @@ from .tokens import KeyRing, keyring_from_env
 
 __all__ = ["Prepared", "prepare"]
 
-#: Store backends this version runs (the config format also names "redis", refused here).
-RUNNABLE_BACKENDS = ("memory",)
+#: Store backends this version runs.
+RUNNABLE_BACKENDS = ("memory", "redis")
 
 
 @attrs.frozen
@@ -42,8 +42,6 @@ def prepare(config: Config, environ: Mapping[str, str], *,
             keys: KeyRing | None = None) -> Prepared:
     """Run the start-up checks; ConfigError names the first problem."""
     if config.store.backend not in RUNNABLE_BACKENDS:
-        # Several instances sharing Redis is a later milestone: refuse rather than
-        # silently run a per-process store that would accept replays across instances.
         raise ConfigError(f"backend {config.store.backend!r} is not available in this "
                           "version of relay; use \"memory\"", key="store.backend",
                           file=config.source)

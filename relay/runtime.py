@@ -23,7 +23,7 @@ from .inprocess import BotFunction
 from .limits import ConnectionGate
 from .metrics import Metrics
 from .registry import Registry
-from .store import MemoryStore
+from .store import Store
 from .tokens import KeyRing
 from .upstream import DialFailures
 
@@ -70,7 +70,7 @@ class Runtime:
     events: Events
     metrics: Metrics
     keys: KeyRing
-    store: MemoryStore
+    store: Store
     bots: dict[str, BotFunction] = attrs.field(factory=dict)
     registry: Registry = attrs.field(factory=Registry)
     wall_clock: Callable[[], float] = time.time

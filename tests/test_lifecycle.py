@@ -651,20 +651,6 @@ async def test_cancelling_serve_from_outside_closes_the_bot_leg(
     assert [e[0] for e in log.events] == ["connected", "disconnected"]
 
 
-def test_redis_backend_is_refused_at_start_not_silently_replaced() -> None:
-    import pytest
-
-    from relay.config import build_config
-    from relay.errors import ConfigError
-    from relay.gateway import Gateway
-
-    config = build_config(store={"backend": "redis", "url": "redis://127.0.0.1:6379/0"},
-                          agents={"a": {"bot": "python:relay.echo:echo_bot"}})
-    with pytest.raises(ConfigError) as info:
-        Gateway(config, environ={"RELAY_SECRET": "k:s"})
-    assert "store.backend" in str(info.value) and "redis" in str(info.value)
-
-
 async def test_replace_closes_the_predecessor_even_when_the_newcomers_dial_fails(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

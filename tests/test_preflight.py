@@ -60,9 +60,6 @@ REFUSED = {
                          "agents.a.bot: cannot load bot 'python:relay.echo:no_such_bot'"),
     "not callable": (BINDS + '[agents.a]\nbot = "python:relay.config:ECHO_BOT"\n',
                      "agents.a.bot: bot 'python:relay.config:ECHO_BOT' is not callable"),
-    "redis store": (BINDS + '[store]\nbackend = "redis"\n'
-                    '[agents.a]\nbot = "python:relay.echo:echo_bot"\n',
-                    "store.backend: backend 'redis' is not available"),
     "missing TLS files": (BINDS + 'certfile = "/nonexistent/c.pem"\n'
                           'keyfile = "/nonexistent/k.pem"\n'
                           '[agents.a]\nbot = "python:relay.echo:echo_bot"\n',

@@ -1,0 +1,180 @@
+"""Helpers for fleet tests: real `relay serve` processes on one real redis-server.
+
+Each instance gets free loopback ports and its own config file; all share the HMAC secret
+and the Redis ``key_prefix``. Processes are killed by PID on the way out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+from redis_server import free_port
+from support import http
+
+SECRET = "k1:fleet-test-secret"
+PK = "pk_fleet"
+START_BOUND = 30.0  # seconds for a process to import and listen on a loaded machine
+WAIT = 15.0  # seconds: backstop for every network wait in fleet tests
+POLL = 0.05
+
+
+@attrs.define
+class Instance:
+    name: str
+    process: trio.Process
+    ws_port: int
+    api_port: int
+    stderr: Path
+    config: Path
+
+    def ws_url(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}{path}"
+
+    def stderr_text(self) -> str:
+        return self.stderr.read_text(encoding="utf-8", errors="replace")
+
+    async def start(self, agent: str, payload: Any = None) -> tuple[int, Any]:
+        raw = json.dumps({"transport": "websocket"} if payload is None else payload).encode()
+        with trio.fail_after(WAIT):
+            status, _, body = await http(
+                "127.0.0.1", self.api_port, "POST", f"/v1/public/{agent}/start",
+                [("content-type", "application/json"), ("authorization", f"Bearer {PK}")],
+                raw)
+        return status, json.loads(body)
+
+    async def get_json(self, target: str) -> tuple[int, Any]:
+        with trio.fail_after(WAIT):
+            status, _, body = await http("127.0.0.1", self.api_port, "GET", target)
+        return status, json.loads(body)
+
+    async def metric(self, name: str) -> float | None:
+        with trio.fail_after(WAIT):
+            status, _, body = await http("127.0.0.1", self.api_port, "GET", "/metrics")
+        assert status == 200
+        for line in body.decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        return None
+
+
+def config_text(ws_port: int, api_port: int, redis_url: str, prefix: str, bot_url: str,
+                *, server: str = "", agents: str = "") -> str:
+    return (
+        "[server]\n"
+        f'ws_bind = ["127.0.0.1:{ws_port}"]\n'
+        f'api_bind = ["127.0.0.1:{api_port}"]\n'
+        f'public_url = "ws://127.0.0.1:{ws_port}"\n'
+        f'public_keys = ["{PK}"]\n'
+        "close_timeout = 1\n"
+        "ping_interval = 1000\n"
+        "ping_timeout = 1000\n"
+        + server +
+        "[store]\n"
+        'backend = "redis"\n'
+        f'url = "{redis_url}"\n'
+        f'key_prefix = "{prefix}"\n'
+        "[agents.tok]\n"
+        f'bot = "{bot_url}"\n'
+        'websocket_auth = "token"\n'
+        'bot_protocol = "relay"\n'
+        "max_clients = 100\n"
+        "[agents.open]\n"
+        f'bot = "{bot_url}"\n'
+        'bot_protocol = "relay"\n'
+        "max_clients = 100\n"
+        + agents
+    )
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+async def wait_listening(port: int, process: trio.Process, stderr: Path) -> None:
+    with trio.fail_after(START_BOUND):
+        while True:
+            if process.returncode is not None:
+                raise AssertionError("relay serve exited before listening:\n"
+                                     + read_text(stderr))
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(POLL)
+                continue
+            await stream.aclose()
+            return
+
+
+def kill(process: trio.Process) -> None:
+    if process.returncode is None:
+        try:
+            process.kill()  # by this process's PID only
+        except ProcessLookupError:
+            pass
+
+
+@asynccontextmanager
+async def fleet(directory: Path, names: list[str], redis_url: str, prefix: str,
+                bot_url: str, **config: str) -> AsyncIterator[dict[str, Instance]]:
+    """Start one `relay serve` per name, all on ``redis_url``; kill them all at the end."""
+    instances: dict[str, Instance] = {}
+    env = {**os.environ, "RELAY_SECRET": SECRET}
+    try:
+        for name in names:
+            ws_port, api_port = free_port(), free_port()
+            path = write_config(directory / f"{name}.toml", config_text(
+                ws_port, api_port, redis_url, prefix, bot_url, **config))
+            stderr = directory / f"{name}.stderr"
+            with stderr.open("wb") as err:
+                process = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "relay", "serve", "--config", str(path)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env)
+            instances[name] = Instance(name, process, ws_port, api_port, stderr, path)
+        for inst in instances.values():
+            await wait_listening(inst.ws_port, inst.process, inst.stderr)
+            await wait_listening(inst.api_port, inst.process, inst.stderr)
+        yield instances
+    finally:
+        for inst in instances.values():
+            kill(inst.process)
+        with trio.move_on_after(10):
+            for inst in instances.values():
+                await inst.process.wait()
+
+
+async def upgrade_status(port: int, path: str, token: str | None = None) -> tuple[int, bytes]:
+    """A raw WebSocket upgrade; its status and the whole answer (the stream is closed)."""
+    auth = f"authorization: Bearer {token}\r\n" if token else ""
+    with trio.fail_after(WAIT):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(
+                f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\n"
+                "connection: Upgrade\r\nsec-websocket-version: 13\r\n"
+                f"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n{auth}\r\n".encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                data += chunk
+            if not data.startswith(b"HTTP/1.1 101"):  # a refusal: read its body to the end
+                while chunk := await stream.receive_some(4096):
+                    data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0]
+    return int(head.split(b" ", 2)[1]), data

@@ -1,0 +1,240 @@
+"""The Store protocol's behaviour, run against both implementations, plus what only Redis has.
+
+``store`` is parametrized: ``memory`` (MemoryStore) and ``redis`` (RedisStore on a real
+redis-server started for this module, each test under its own key prefix). The behavioural
+tests are the same for both; the Redis-only tests check atomicity across two instances
+(two clients, as two gateway processes would have), that every key has the prefix and an
+expiry, and that a Redis that stops answering is StoreUnavailable and is used again,
+by the same store object, once it is back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import coredis
+import pytest
+import trio
+from redis_server import RedisServer, fresh_prefix, redis_server, started  # noqa: F401
+
+from relay.store import ConsumeResult, MemoryStore, Store, StoreUnavailable
+from relay.store.redis import RedisStore
+
+T0 = time.time()  # Redis expires keys on its own clock: keep the tests' "now" near it
+EXP = T0 + 300.0
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest,
+                redis_server: RedisServer) -> AsyncIterator[Store]:  # noqa: F811
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    redis_store = RedisStore(redis_server.url, key_prefix=fresh_prefix())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(redis_store.run)
+        yield redis_store
+        nursery.cancel_scope.cancel()
+
+
+# -- one-time use and the held body ------------------------------------------------------
+
+
+async def test_body_is_handed_over_once(store: Store) -> None:
+    await store.put_session("s1", b'{"a":1}', EXP, now=T0)
+    assert await store.consume("s1", T0, expires_at=EXP, with_body=True) == \
+        ConsumeResult("ok", b'{"a":1}')
+    assert await store.consume("s1", T0, expires_at=EXP, with_body=True) == \
+        ConsumeResult("replayed")
+    assert await store.is_consumed("s1", T0)
+
+
+async def test_reserve_then_consume_takes_the_body(store: Store) -> None:
+    await store.put_session("s1", b"\x00\xffbinary", EXP, now=T0)
+    assert await store.reserve("s1", T0, expires_at=EXP, with_body=True) == ConsumeResult("ok")
+    assert await store.reserve("s1", T0, expires_at=EXP, with_body=True) == \
+        ConsumeResult("replayed")
+    assert await store.consume("s1", T0, expires_at=EXP, with_body=True) == \
+        ConsumeResult("ok", b"\x00\xffbinary")
+    assert await store.consume("s1", T0, expires_at=EXP) == ConsumeResult("replayed")
+
+
+async def test_release_makes_the_token_usable_again_with_its_body(store: Store) -> None:
+    await store.put_session("s1", b"[1]", EXP, now=T0)
+    assert (await store.reserve("s1", T0, expires_at=EXP, with_body=True)).ok
+    await store.release("s1", T0)
+    assert not await store.is_consumed("s1", T0)
+    assert (await store.reserve("s1", T0, expires_at=EXP, with_body=True)).ok
+    assert await store.consume("s1", T0, expires_at=EXP) == ConsumeResult("ok", b"[1]")
+
+
+async def test_release_after_consume_does_not_make_it_usable(store: Store) -> None:
+    await store.put_session("s1", None, EXP, now=T0)
+    assert await store.consume("s1", T0, expires_at=EXP) == ConsumeResult("ok", None)
+    await store.release("s1", T0)
+    assert await store.reserve("s1", T0, expires_at=EXP) == ConsumeResult("replayed")
+
+
+async def test_token_without_put_session_is_usable_once(store: Store) -> None:
+    # relay mint-token: nothing was put; the token's own expiry bounds the marker
+    assert await store.consume("minted", T0, expires_at=EXP) == ConsumeResult("ok", None)
+    assert await store.consume("minted", T0, expires_at=EXP) == ConsumeResult("replayed")
+
+
+async def test_body_token_whose_body_is_not_held_is_refused(store: Store) -> None:
+    assert await store.reserve("gone", T0, expires_at=EXP, with_body=True) == \
+        ConsumeResult("body_unavailable")
+    await store.put_session("nobody", None, EXP, now=T0)
+    assert await store.consume("nobody", T0, expires_at=EXP, with_body=True) == \
+        ConsumeResult("body_unavailable")
+    # refused, not used: nothing was burned
+    assert not await store.is_consumed("gone", T0)
+    assert await store.consume("nobody", T0, expires_at=EXP) == ConsumeResult("ok", None)
+
+
+async def test_unknown_and_expired(store: Store) -> None:
+    assert await store.consume("never", T0) == ConsumeResult("unknown")
+    assert await store.reserve("late", T0, expires_at=T0 - 1) == ConsumeResult("unknown")
+    await store.put_session("short", b"{}", T0 + 10, now=T0)
+    assert await store.consume("short", T0 + 10, expires_at=T0 + 10) == \
+        ConsumeResult("unknown")
+
+
+async def test_marker_lasts_until_the_token_expires(store: Store) -> None:
+    await store.put_session("s1", None, T0 + 60, now=T0)
+    assert (await store.consume("s1", T0, expires_at=T0 + 60)).ok
+    assert await store.is_consumed("s1", T0 + 59)
+    assert await store.consume("s1", T0 + 59, expires_at=T0 + 60) == ConsumeResult("replayed")
+    assert not await store.is_consumed("s1", T0 + 60)
+
+
+async def test_body_over_the_bound_is_refused_and_nothing_held(store: Store) -> None:
+    limit = store.max_body_bytes  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="exceeds"):
+        await store.put_session("big", b"x" * (limit + 1), EXP, now=T0)
+    assert await store.consume("big", T0) == ConsumeResult("unknown")
+
+
+async def test_racing_upgrades_get_exactly_one_ok(store: Store) -> None:
+    await store.put_session("s1", b'"b"', EXP, now=T0)
+    results: list[ConsumeResult] = []
+
+    async def one() -> None:
+        results.append(await store.consume("s1", T0, expires_at=EXP, with_body=True))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(one)
+    assert sorted(r.status for r in results) == ["ok"] + ["replayed"] * 19
+    assert [r.body for r in results if r.ok] == [b'"b"']
+
+
+# -- Redis only ---------------------------------------------------------------------------
+
+
+async def test_two_instances_one_token_one_body(redis_server: RedisServer) -> None:  # noqa: F811
+    prefix = fresh_prefix()
+    a = RedisStore(redis_server.url, key_prefix=prefix)
+    b = RedisStore(redis_server.url, key_prefix=prefix)
+    results: list[ConsumeResult] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        for i in range(10):
+            await a.put_session(f"s{i}", f'{{"n":{i}}}'.encode(), EXP, now=T0)
+
+        async def use(store: RedisStore, sid: str) -> None:
+            reserved = await store.reserve(sid, T0, expires_at=EXP, with_body=True)
+            if reserved.ok:
+                results.append(await store.consume(sid, T0, expires_at=EXP, with_body=True))
+            else:
+                results.append(reserved)
+
+        async with trio.open_nursery() as racers:
+            for i in range(10):
+                for store in (a, b, b, a):
+                    racers.start_soon(use, store, f"s{i}")
+        nursery.cancel_scope.cancel()
+    oks = sorted(r.body or b"" for r in results if r.ok)
+    assert oks == sorted(f'{{"n":{i}}}'.encode() for i in range(10))
+    assert sum(r.status == "replayed" for r in results) == 30
+
+
+async def test_every_key_has_the_prefix_and_an_expiry(
+        redis_server: RedisServer) -> None:  # noqa: F811
+    prefix = fresh_prefix()
+    store = RedisStore(redis_server.url, key_prefix=prefix)
+    now = time.time()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await store.put_session("pending", b"{}", now + 300, now=now)
+        await store.put_session("used", None, now + 300, now=now)
+        await store.consume("used", now, expires_at=now + 300)
+        await store.reserve("minted", now, expires_at=now + 120)
+        async with coredis.Redis.from_url(redis_server.url) as raw:
+            keys = sorted([k async for k in raw.scan_iter(match=f"{prefix}*")])
+            assert keys == sorted(f"{prefix}{kind}:{{{sid}}}".encode() for kind, sid in
+                                  [("s", "pending"), ("m", "used"), ("m", "minted")])
+            ttls = {k: await raw.pttl(k) for k in keys}
+        nursery.cancel_scope.cancel()
+    # each key expires with its token, not earlier and not later
+    assert ttls[f"{prefix}m:{{minted}}".encode()] in range(110_000, 120_001)
+    assert ttls[f"{prefix}s:{{pending}}".encode()] in range(290_000, 300_001)
+    assert ttls[f"{prefix}m:{{used}}".encode()] in range(290_000, 300_001)
+
+
+async def test_redis_down_is_unavailable_then_the_same_store_recovers(
+        tmp_path: Path) -> None:
+    changes: list[bool] = []
+    for server in started(tmp_path):
+        store = RedisStore(server.url, key_prefix=fresh_prefix(), on_state=changes.append)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            assert store.up
+            await store.put_session("kept", b"{}", EXP, now=T0)
+            server.stop()
+            with pytest.raises(StoreUnavailable):
+                await store.reserve("s1", T0, expires_at=EXP)
+            with pytest.raises(StoreUnavailable):
+                await store.put_session("s2", None, EXP, now=T0)
+            assert not await store.healthy()
+            assert not store.up
+            server.start()  # an empty Redis: no persistence, as the fixture runs it
+            assert await store.healthy()
+            assert store.up
+            assert await store.consume("minted", T0, expires_at=EXP) == \
+                ConsumeResult("ok", None)
+            nursery.cancel_scope.cancel()
+    assert changes == [True, False, True]
+
+
+async def test_store_that_starts_while_redis_is_down_recovers(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)  # port chosen, nothing listening yet
+    store = RedisStore(server.url, key_prefix=fresh_prefix())
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)  # starts anyway: token paths answer 503
+            assert not store.up
+            with pytest.raises(StoreUnavailable):
+                await store.consume("s1", T0, expires_at=EXP)
+            server.start()
+            assert (await store.consume("s1", T0, expires_at=EXP)).ok
+            assert store.up
+            nursery.cancel_scope.cancel()
+    finally:
+        server.stop()
+
+
+async def test_store_not_running_is_unavailable() -> None:
+    store = RedisStore("redis://127.0.0.1:1/0")
+    with pytest.raises(StoreUnavailable, match="not running"):
+        await store.reserve("s1", T0, expires_at=EXP)
+    assert not await store.healthy()
+
+
+def test_password_is_kept_out_of_logged_url() -> None:
+    store = RedisStore("redis://user:hunter2@cache:6379/0")
+    assert "hunter2" not in store.safe_url
+    assert store.safe_url == "redis://***@cache:6379/0"
