@@ -34,6 +34,7 @@ from .control_server import serve_control
 from .errors import BindError, ConfigError
 from .metrics import Metrics
 from .preflight import prepare
+from .registry import Registry
 from .runtime import Callback, Events, Runtime
 from .store import MemoryStore, Store
 from .tokens import KeyRing
@@ -104,16 +105,20 @@ class _StoreParts:
     store: Store
     run: Callable[..., Awaitable[None]] | None = None  # started with the planes (Redis)
     up: Callable[[], bool] | None = None  # cached health, for /health and /start
+    registry: Registry | None = None  # fleet-wide admission (Redis), run after the store
+    run_registry: Callable[..., Awaitable[None]] | None = None
 
 
 def _make_store(config: Config, metrics: Metrics) -> _StoreParts:
     """The ``[store]`` the config names: the process's own, or the fleet's Redis."""
     if config.store.backend == "redis":
+        from .fleet import FleetRegistry
         from .store.redis import RedisStore  # coredis takes ~0.5 s to import: only if used
 
         redis = RedisStore(config.store.url, key_prefix=config.store.key_prefix,
                            on_state=metrics.store_state)
-        return _StoreParts(redis, redis.run, lambda: redis.up)
+        fleet = FleetRegistry(redis, lease_ttl=config.store.lease_ttl, agents=config.agents)
+        return _StoreParts(redis, redis.run, lambda: redis.up, fleet, fleet.run)
     return _StoreParts(MemoryStore())
 
 
@@ -148,6 +153,7 @@ class Gateway:
             metrics=metrics,
             keys=keys,
             store=self._store.store,
+            registry=self._store.registry or Registry(),
             bots=prepared.bots,
             wall_clock=wall_clock,
             client_ssl=prepared.client_ssl,
@@ -201,6 +207,8 @@ class Gateway:
                     self._handlers = nursery
                     if self._store.run is not None:
                         await nursery.start(self._store.run)
+                    if self._store.run_registry is not None:
+                        await nursery.start(self._store.run_registry)
                     api = await nursery.start(serve_control, self.control_app, self.config)
                     for sock in listeners:
                         nursery.start_soon(self._accept_loop, sock)

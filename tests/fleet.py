@@ -67,7 +67,7 @@ class Instance:
 
 
 def config_text(ws_port: int, api_port: int, redis_url: str, prefix: str, bot_url: str,
-                *, server: str = "", agents: str = "") -> str:
+                *, server: str = "", store: str = "", agents: str = "") -> str:
     return (
         "[server]\n"
         f'ws_bind = ["127.0.0.1:{ws_port}"]\n'
@@ -82,6 +82,7 @@ def config_text(ws_port: int, api_port: int, redis_url: str, prefix: str, bot_ur
         'backend = "redis"\n'
         f'url = "{redis_url}"\n'
         f'key_prefix = "{prefix}"\n'
+        + store +
         "[agents.tok]\n"
         f'bot = "{bot_url}"\n'
         'websocket_auth = "token"\n'

@@ -156,6 +156,7 @@ class RedisStore:
         self._on_state = on_state
         self._client: coredis.Redis[bytes] | None = None
         self._scripts: dict[str, Any] = {}
+        self._running = trio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -176,9 +177,11 @@ class RedisStore:
         client = self._new_client()
         async with client:
             self._client = client
-            self._scripts = {name: client.register_script(src) for name, src in (
-                ("reserve", _RESERVE), ("consume", _CONSUME), ("release", _RELEASE),
-                ("put", _PUT))}
+            self._scripts = {}
+            for name, src in (("reserve", _RESERVE), ("consume", _CONSUME),
+                              ("release", _RELEASE), ("put", _PUT)):
+                self.register(name, src)
+            self._running.set()
             try:
                 await self._ping()
                 if not self.up:
@@ -221,6 +224,27 @@ class RedisStore:
         scheme, sep, rest = self.url.partition("://")
         _userinfo, at, host = rest.partition("@")
         return f"{scheme}{sep}***@{host}" if at else self.url
+
+    def register(self, name: str, source: str) -> None:
+        """Make the Lua ``source`` callable as ``script(name, ...)`` (inside ``run``)."""
+        assert self._client is not None, "register scripts inside run()"
+        self._scripts[name] = self._client.register_script(source)
+
+    async def wait_running(self) -> None:
+        await self._running.wait()
+
+    @property
+    def client(self) -> coredis.Redis[bytes] | None:
+        """The client while ``run`` holds it (for pub/sub), else None."""
+        return self._client
+
+    async def call(self, op: Callable[[coredis.Redis[bytes]], Awaitable[T]]) -> T:
+        """Run ``op`` on the client, bounded by ``op_timeout``; failures are unavailability."""
+        return await self._call(op)
+
+    async def script(self, name: str, keys: list[str], args: list[str | bytes]) -> Any:
+        """Run the registered script ``name`` atomically; ``StoreUnavailable`` on failure."""
+        return await self._script(name, keys, args)
 
     async def _call(self, op: Callable[[coredis.Redis[bytes]], Awaitable[T]]) -> T:
         client = self._client

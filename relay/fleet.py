@@ -1,0 +1,329 @@
+"""[trio] ``max_clients`` and ``when_full`` across every instance on one Redis.
+
+``FleetRegistry`` is the ``Registry`` of a gateway on the Redis store. Each admitted
+session holds a *lease* in Redis, renewed every third of ``lease_ttl``; the sessions of an
+instance that vanished (kill -9, power loss) stop counting once their leases lapse, within
+``lease_ttl``. Per agent (``P`` = ``key_prefix``; every key expires ``lease_ttl`` + 1 s
+after its last write)::
+
+    P a:{agent}:leases   zset  member "<instance>|<id>" -> lease expiry (Redis time, ms)
+    P a:{agent}:order    zset  member -> admission time: the oldest is replaced first
+
+Admission is one script: drop lapsed leases, then admit; or, when full, refuse (reject)
+or take the oldest sessions' slots (replace) in the same atomic step, so two newcomers on
+two instances never take one slot. The admitting instance then has each replaced
+session's holder close it (4001) over the holder's pub/sub channel ``P i:<instance>`` and
+waits for the holder's confirmation that its teardown finished, at most
+``close_timeout`` + 1 s (then it proceeds and logs), before its own bot is dialled.
+
+While Redis does not answer, admission falls back to this instance's own count (auth-none
+agents keep admitting; token agents are refused before admission anyway); those sessions
+take a lease at the first renewal once Redis is back, so the fleet may briefly hold more
+than ``max_clients`` after an outage. ``is_full`` (used for /start's 429) sees the fleet's
+count as of the last admission or renewal.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Iterable
+
+import trio
+from coredis.retry import NoRetryPolicy
+
+from .config import AgentConfig
+from .registry import REPLACE_MARGIN, Member, Registry
+from .store import StoreUnavailable
+from .store.redis import HEALTH_BACKOFF_MAX, RedisStore
+
+__all__ = ["FleetRegistry"]
+
+log = logging.getLogger(__name__)
+
+_NOW = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function lapse(leases, order)
+  local gone = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
+  for _, m in ipairs(gone) do redis.call('ZREM', order, m) end
+  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+end
+"""
+
+# KEYS: leases, order. ARGV: member, max_clients, lease ms, when_full, key ttl ms.
+_ADMIT = _NOW + """
+lapse(KEYS[1], KEYS[2])
+local count = redis.call('ZCARD', KEYS[1])
+local max = tonumber(ARGV[2])
+local victims = {}
+if count >= max then
+  if ARGV[4] == 'reject' then return {'full', count} end
+  victims = redis.call('ZRANGE', KEYS[2], 0, count - max)
+  for _, m in ipairs(victims) do
+    redis.call('ZREM', KEYS[1], m)
+    redis.call('ZREM', KEYS[2], m)
+  end
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+local reply = {'ok', redis.call('ZCARD', KEYS[1])}
+for _, m in ipairs(victims) do table.insert(reply, m) end
+return reply
+"""
+
+# KEYS: leases, order. ARGV: lease ms, key ttl ms, n leased, leased..., unleased...
+# Leased members are renewed only if still present (a replaced one stays gone); members
+# admitted while Redis was down are added.
+_RENEW = _NOW + """
+lapse(KEYS[1], KEYS[2])
+local lease = now + tonumber(ARGV[1])
+local n = tonumber(ARGV[3])
+for i = 4, #ARGV do
+  if i < 4 + n then
+    redis.call('ZADD', KEYS[1], 'XX', lease, ARGV[i])
+  else
+    redis.call('ZADD', KEYS[1], lease, ARGV[i])
+    redis.call('ZADD', KEYS[2], 'NX', now, ARGV[i])
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return redis.call('ZCARD', KEYS[1])
+"""
+
+# KEYS: leases, order. ARGV: member.
+_RELEASE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+class FleetRegistry(Registry):
+    """A ``Registry`` whose counts and replacements span every instance on one Redis."""
+
+    def __init__(self, store: RedisStore, *, lease_ttl: float,
+                 agents: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._agents = list(agents)  # counted at each renewal, for /start's 429
+        self.store = store
+        self.instance = uuid.uuid4().hex[:16]
+        self.lease_ttl = lease_ttl
+        self._ids: dict[int, str] = {}  # id(member) -> its id in Redis
+        self._by_id: dict[str, tuple[Member, str]] = {}  # id -> (member, agent)
+        self._leased: set[str] = set()  # ids holding a lease (the rest: admitted while down)
+        self._fleet_count: dict[str, int] = {}
+        self._confirmations: dict[str, trio.Event] = {}
+        self._send_release, self._releases = trio.open_memory_channel[tuple[str, str]](
+            math.inf)
+        self._nursery: trio.Nursery | None = None
+
+    # -- keys and messages ----------------------------------------------------------------
+
+    def _keys(self, agent: str) -> list[str]:
+        p = self.store.key_prefix
+        return [f"{p}a:{{{agent}}}:leases", f"{p}a:{{{agent}}}:order"]
+
+    def _channel(self, instance: str) -> str:
+        return f"{self.store.key_prefix}i:{instance}"
+
+    def _member(self, sid: str) -> str:
+        return f"{self.instance}|{sid}"
+
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.lease_ttl * 1000)
+
+    @property
+    def _key_ttl_ms(self) -> int:
+        return self._lease_ms + 1000
+
+    # -- running --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Renew leases, hand releases to Redis and answer close requests, until cancelled."""
+        await self.store.wait_running()
+        for name, src in (("fleet_admit", _ADMIT), ("fleet_renew", _RENEW),
+                          ("fleet_release", _RELEASE)):
+            self.store.register(name, src)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._renew_loop)
+            nursery.start_soon(self._release_loop)
+            nursery.start_soon(self._listen_loop)
+            task_status.started()
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await trio.sleep(self.lease_ttl / 3)
+            await self.renew()
+
+    async def renew(self) -> None:
+        """Extend this instance's leases (and take leases for sessions admitted while down)."""
+        by_agent: dict[str, list[str]] = {agent: [] for agent in self._agents}
+        for sid, (_member, agent) in self._by_id.items():
+            by_agent.setdefault(agent, []).append(sid)
+        for agent, sids in by_agent.items():
+            leased = [s for s in sids if s in self._leased]
+            unleased = [s for s in sids if s not in self._leased]
+            try:
+                count = await self.store.script(
+                    "fleet_renew", self._keys(agent),
+                    [str(self._lease_ms), str(self._key_ttl_ms), str(len(leased)),
+                     *[self._member(s) for s in leased], *[self._member(s) for s in unleased]])
+            except StoreUnavailable:
+                return
+            self._leased.update(unleased)
+            self._fleet_count[agent] = int(count)
+
+    async def _release_loop(self) -> None:
+        async for agent, sid in self._releases:
+            try:
+                await self.store.script("fleet_release", self._keys(agent),
+                                        [self._member(sid)])
+            except StoreUnavailable:
+                pass  # its lease lapses within lease_ttl
+
+    async def _listen_loop(self) -> None:
+        delay = 0.1
+        while True:
+            client = self.store.client
+            try:
+                if client is None:
+                    raise StoreUnavailable("not running")
+                async with client.pubsub(channels=[self._channel(self.instance)],
+                                         ignore_subscribe_messages=True,
+                                         retry_policy=NoRetryPolicy()) as pubsub:
+                    delay = 0.1
+                    async for message in pubsub:
+                        data = message.get("data")
+                        if isinstance(data, bytes):
+                            self._on_message(data.decode("utf-8", "replace"))
+            except Exception as exc:  # Redis down: listen again with backoff
+                log.debug("fleet channel lost (%s); listening again in %.1f s", exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, HEALTH_BACKOFF_MAX)
+
+    def _on_message(self, text: str) -> None:
+        kind, _, rest = text.partition("|")
+        if kind == "close":
+            sid, _, admitter = rest.partition("|")
+            assert self._nursery is not None
+            self._nursery.start_soon(self._close_for, sid, admitter)
+        elif kind == "closed":
+            event = self._confirmations.get(rest)
+            if event is not None:
+                event.set()
+
+    async def _close_for(self, sid: str, admitter: str) -> None:
+        """Close our session ``sid`` (4001) for a newcomer elsewhere; confirm its teardown."""
+        found = self._by_id.get(sid)
+        if found is not None:
+            member, agent = found
+            member.cancel("replaced")
+            await member.done.wait()  # its teardown is bounded by close_timeout
+            self.release(member, agent)
+        try:
+            await self.store.call(lambda c: c.publish(self._channel(admitter),
+                                                      f"closed|{sid}"))
+        except StoreUnavailable:
+            log.warning("could not confirm the replacement of session %s", sid)
+
+    # -- the Registry interface -----------------------------------------------------------
+
+    def is_full(self, agent: AgentConfig) -> bool:
+        fleet = self._fleet_count.get(agent.name, 0)
+        return max(self.count(agent.name), fleet) >= agent.max_clients
+
+    async def admit(self, member: Member, agent: AgentConfig) -> bool:
+        if self._nursery is None:
+            return await super().admit(member, agent)  # not running: this instance alone
+        async with self._locks[agent.name]:
+            sid = uuid.uuid4().hex[:16]
+            try:
+                reply = await self.store.script(
+                    "fleet_admit", self._keys(agent.name),
+                    [self._member(sid), str(agent.max_clients), str(self._lease_ms),
+                     agent.when_full, str(self._key_ttl_ms)])
+            except StoreUnavailable:
+                reply = None
+            if reply is None:
+                return await self._admit_alone(member, agent, sid)
+            status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+            self._fleet_count[agent.name] = int(reply[1])
+            if status != "ok":
+                return False
+            self._leased.add(sid)
+            self._add(member, agent.name, sid)
+            victims = [v.decode() if isinstance(v, bytes) else str(v) for v in reply[2:]]
+            await self._replace(victims, agent)
+            return True
+
+    async def _admit_alone(self, member: Member, agent: AgentConfig, sid: str) -> bool:
+        # The lock is held by admit(); count and replace this instance's sessions only.
+        while self.count(agent.name) >= agent.max_clients:
+            if agent.when_full == "reject":
+                return False
+            oldest = self._live[agent.name][0]
+            oldest.cancel("replaced")
+            with trio.move_on_after(agent.limits.close_timeout + REPLACE_MARGIN):
+                await oldest.done.wait()
+            self.release(oldest, agent.name)
+        self._add(member, agent.name, sid)
+        return True
+
+    def _add(self, member: Member, agent: str, sid: str) -> None:
+        self._live[agent].append(member)
+        self._ids[id(member)] = sid
+        self._by_id[sid] = (member, agent)
+
+    async def _replace(self, victims: list[str], agent: AgentConfig) -> None:
+        """Have each victim's holder close it (4001) and wait for its confirmed teardown."""
+        bound = agent.limits.close_timeout + REPLACE_MARGIN
+        with trio.move_on_after(bound) as scope:
+            async with trio.open_nursery() as nursery:
+                for victim in victims:
+                    nursery.start_soon(self._replace_one, victim, agent)
+        if scope.cancelled_caught:
+            log.warning("replaced session(s) %s of agent %s did not confirm their teardown "
+                        "within %.1f s; going on", ", ".join(victims), agent.name, bound)
+
+    async def _replace_one(self, victim: str, agent: AgentConfig) -> None:
+        instance, _, sid = victim.partition("|")
+        if instance == self.instance:
+            found = self._by_id.get(sid)
+            if found is not None:
+                member = found[0]
+                member.cancel("replaced")
+                await member.done.wait()
+                self.release(member, agent.name)
+            return
+        event = self._confirmations[sid] = trio.Event()
+        try:
+            listeners = await self.store.call(lambda c: c.publish(
+                self._channel(instance), f"close|{sid}|{self.instance}"))
+            if not listeners:  # that instance is gone: its session went with it
+                log.warning("instance %s holding session %s of agent %s is gone; going on",
+                            instance, sid, agent.name)
+                return
+            await event.wait()
+        except StoreUnavailable:
+            log.warning("could not ask instance %s to close session %s", instance, sid)
+        finally:
+            self._confirmations.pop(sid, None)
+
+    def release(self, member: Member, agent: str) -> None:
+        super().release(member, agent)
+        sid = self._ids.pop(id(member), None)
+        if sid is None:
+            return
+        self._by_id.pop(sid, None)
+        if sid in self._leased:
+            self._leased.discard(sid)
+            self._send_release.send_nowait((agent, sid))
