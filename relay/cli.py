@@ -30,9 +30,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from relay.config import Config, default_config, load_config
+from relay.config import Config, default_config, load_config, with_workers
 from relay.errors import BindError, ConfigError
 from relay.exposure import check_exposure
+from relay.workers import apply_worker_binds
 
 __all__ = ["main"]
 
@@ -140,6 +141,13 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="text lines, or one JSON object per line (default: text); either way one "
         "line per ended session on the logger 'relay.sessions'",
     )
+    p.add_argument(
+        "--workers",
+        metavar="N",
+        type=int,
+        help="run N worker processes sharing both binds (overrides [server] workers; "
+        'more than 1 needs [store] backend = "redis")',
+    )
     p.set_defaults(handler=_serve)
 
 
@@ -147,6 +155,9 @@ def _serve(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level, args.log_format)
     try:
         config = load_config(args.config) if args.config else default_config()
+        if args.workers is not None:
+            config = with_workers(config, args.workers)
+        config = apply_worker_binds(config)  # a worker under relay.supervisor
         warnings, _ = _preflight(config, args.app_dir)  # the Gateway logs the rest itself
     except ConfigError as exc:
         return _fail(exc)
@@ -157,8 +168,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     # Imported only now, with a valid config in hand: nothing is bound before this point.
     from relay.server import run_gateway  # type: ignore[import-not-found, unused-ignore]
+    from relay.supervisor import run_supervisor
 
     try:
+        if config.server.workers > 1:
+            return run_supervisor(config, args.config, args.log_level,
+                                  os.path.abspath(args.app_dir), args.log_format)
         status: int = run_gateway(config)
     except (ConfigError, BindError) as exc:  # e.g. an address in use, Redis without a secret
         return _fail(exc)

@@ -93,6 +93,7 @@ __all__ = [
     "load_config",
     "parse_bind",
     "parse_config",
+    "with_workers",
 ]
 
 #: Agent and organization names: they form the ``{agent}.{org}`` service host (SPEC §8).
@@ -186,6 +187,7 @@ class ServerConfig:
     handshake_timeout: float = 10.0  # seconds for a client's whole upgrade request
     max_connections: int = 10000  # open client connections before new ones get 503
     start_body_timeout: float = 10.0  # seconds for a /start request's whole body (then 408)
+    workers: int = 1  # processes sharing both binds (SO_REUSEPORT); > 1 needs redis
     max_start_body_reads: int = 64  # /start bodies read at once; one more gets 503
     admin_keys: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)  # operator API
     start_rate: float = 20.0  # /start requests per second per public key (then 429)
@@ -319,7 +321,8 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
     server = _parse_server(root.table("server"))
     store = _parse_store(root.table("store"))
     agents = _parse_agents(root, server.defaults)
-    return Config(server=server, store=store, agents=agents, source=source)
+    return with_workers(Config(server=server, store=store, agents=agents, source=source),
+                        server.workers)
 
 
 # --------------------------------------------------------------------------------------
@@ -339,6 +342,7 @@ _SERVER_KEYS = (
     "handshake_timeout",
     "max_connections",
     "start_body_timeout",
+    "workers",
     "max_start_body_reads",
     "admin_keys",
     "start_rate",
@@ -422,6 +426,7 @@ def _parse_server(t: _Table) -> ServerConfig:
         handshake_timeout=t.seconds("handshake_timeout", 10.0),
         max_connections=t.positive_int("max_connections", 10000),
         start_body_timeout=t.seconds("start_body_timeout", 10.0),
+        workers=t.positive_int("workers", 1),
         max_start_body_reads=t.positive_int("max_start_body_reads", 64),
         admin_keys=admin_keys,
         start_rate=t.rate("start_rate", 20.0),
@@ -460,6 +465,25 @@ def _redact_password(url: str) -> str:
     if not sep or not at or ":" not in userinfo:
         return url
     return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}"
+
+
+def with_workers(config: Config, workers: int) -> Config:
+    """``config`` with ``server.workers`` set (``relay serve --workers N``), validated.
+
+    Several worker processes must share one store: with the memory store each would
+    accept a token the others already used.
+    """
+    if workers < 1:
+        raise ConfigError(f"must be a positive integer, got {workers}", key="server.workers",
+                          file=config.source)
+    if workers > 1 and config.store.backend != "redis":
+        raise ConfigError(
+            f'{workers} workers need [store] backend = "redis" (with the memory store each '
+            "process would accept a token another one already used)",
+            key="server.workers", file=config.source)
+    if workers == config.server.workers:
+        return config
+    return attrs.evolve(config, server=attrs.evolve(config.server, workers=workers))
 
 
 _KEY_PREFIX_RE = re.compile(r"[!-~]{1,64}")

@@ -31,6 +31,7 @@ from hypercorn.utils import wrap_app
 from relay.config import Config
 from relay.control import ASGIApp
 from relay.errors import BindError, ConfigError
+from relay.workers import is_worker
 
 __all__ = ["serve_control"]
 
@@ -48,6 +49,8 @@ def _listen_sockets(config: Config, backlog: int) -> list[socket.socket]:
             sock = socket.socket(family, socket.SOCK_STREAM)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if is_worker():  # one of several processes sharing this bind (relay.supervisor)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 sock.bind((bind.host, bind.port))

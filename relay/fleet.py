@@ -205,7 +205,12 @@ class FleetRegistry(Registry):
                         data = message.get("data")
                         if isinstance(data, bytes):
                             self._on_message(data.decode("utf-8", "replace"))
-            except Exception as exc:  # Redis down: listen again with backoff
+            except BaseException as exc:
+                if trio.current_effective_deadline() == -math.inf:
+                    return  # being cancelled (shutdown); coredis may wrap it in a group
+                if not isinstance(exc, Exception):
+                    raise
+                # Redis down: listen again with backoff
                 log.debug("fleet channel lost (%s); listening again in %.1f s", exc, delay)
             await trio.sleep(delay)
             delay = min(delay * 2, HEALTH_BACKOFF_MAX)

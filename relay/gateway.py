@@ -39,6 +39,7 @@ from .runtime import Callback, Events, Runtime
 from .store import MemoryStore, Store
 from .tokens import KeyRing
 from .wire import Conn, SocketConn, StreamConn, configure_socket, peer_address
+from .workers import is_worker
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ def bind_listener(bind: Bind) -> socket.socket:
         raise BindError(str(bind), exc.strerror or str(exc)) from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if is_worker():  # one of several processes sharing this bind (relay.supervisor)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(addr)

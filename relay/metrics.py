@@ -35,6 +35,7 @@ relay's own listener, and sessions served through ``Gateway.handle()``.
 
 from __future__ import annotations
 
+import os
 from typing import Final
 
 from prometheus_client import (
@@ -65,7 +66,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._active = Gauge(
-            "relay_sessions_active", "Sessions relaying now", ["agent"], registry=r
+            "relay_sessions_active", "Sessions relaying now", ["agent"], registry=r,
+            multiprocess_mode="livesum",
         )
         self._started = Counter(
             "relay_sessions_started",
@@ -134,7 +136,7 @@ class Metrics:
             self._conn_refused.labels(reason)
         self._store_up = Gauge(
             "relay_store_up", "1 while the session store answers, 0 while it does not",
-            registry=r,
+            registry=r, multiprocess_mode="livemin",
         )
         self._store_up.set(1)
         self._store_down = Counter(
@@ -192,5 +194,16 @@ class Metrics:
             self._store_down.inc()
 
     def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type, for ``GET /metrics``."""
+        """The exposition text and its content type, for ``GET /metrics``.
+
+        Under ``relay serve --workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set by the
+        supervisor) this is every worker's counts together, read by prometheus-client's
+        ``MultiProcessCollector`` from the files all workers write.
+        """
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            whole = CollectorRegistry()
+            multiprocess.MultiProcessCollector(whole)  # type: ignore[no-untyped-call]
+            return generate_latest(whole), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 
 import trio
 
 from .config import Config
 from .gateway import Gateway, Ports, startup_error
+from .workers import is_worker
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,19 @@ async def serve_until_signal(gateway: Gateway) -> None:
                     return
 
             nursery.start_soon(wait_for_signal)
+            if is_worker():
+                nursery.start_soon(_stop_when_supervisor_goes, gateway, nursery)
+
+
+async def _stop_when_supervisor_goes(gateway: Gateway, nursery: trio.Nursery) -> None:
+    """A worker's stdin is its supervisor's pipe: EOF means the supervisor is gone."""
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    async with stdin:
+        while await stdin.receive_some(1024):
+            pass
+    log.warning("the supervisor is gone: shutting down")
+    await gateway.shutdown()
+    nursery.cancel_scope.cancel()
 
 
 def _url(scheme: str, host: str, port: int) -> str:
