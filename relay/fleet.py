@@ -249,29 +249,30 @@ class FleetRegistry(Registry):
     async def admit(self, member: Member, agent: AgentConfig) -> bool:
         if self._nursery is None:
             return await super().admit(member, agent)  # not running: this instance alone
-        async with self._locks[agent.name]:
-            sid = uuid.uuid4().hex[:16]
-            try:
-                reply = await self.store.script(
-                    "fleet_admit", self._keys(agent.name),
-                    [self._member(sid), str(agent.max_clients), str(self._lease_ms),
-                     agent.when_full, str(self._key_ttl_ms)])
-            except StoreUnavailable:
-                reply = None
-            if reply is None:
+        # No local lock: the admit script is atomic, so concurrent newcomers (here or on
+        # other instances) never share a slot or a victim.
+        sid = uuid.uuid4().hex[:16]
+        try:
+            reply = await self.store.script(
+                "fleet_admit", self._keys(agent.name),
+                [self._member(sid), str(agent.max_clients), str(self._lease_ms),
+                 agent.when_full, str(self._key_ttl_ms)])
+        except StoreUnavailable:
+            async with self._locks[agent.name]:
                 return await self._admit_alone(member, agent, sid)
-            status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-            self._fleet_count[agent.name] = int(reply[1])
-            if status != "ok":
-                return False
-            self._leased.add(sid)
-            self._add(member, agent.name, sid)
-            victims = [v.decode() if isinstance(v, bytes) else str(v) for v in reply[2:]]
-            await self._replace(victims, agent)
-            return True
+        status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        self._fleet_count[agent.name] = int(reply[1])
+        if status != "ok":
+            return False
+        self._leased.add(sid)
+        self._add(member, agent.name, sid)
+        victims = [v.decode() if isinstance(v, bytes) else str(v) for v in reply[2:]]
+        await self._replace(victims, agent)
+        return True
 
     async def _admit_alone(self, member: Member, agent: AgentConfig, sid: str) -> bool:
-        # The lock is held by admit(); count and replace this instance's sessions only.
+        # Redis does not answer: count and replace this instance's sessions only (the
+        # caller holds the agent's lock, as the single-process Registry does).
         while self.count(agent.name) >= agent.max_clients:
             if agent.when_full == "reject":
                 return False

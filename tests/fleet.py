@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ import trio
 from redis_server import free_port
 from support import http
 
+TESTS = str(Path(__file__).parent)
 SECRET = "k1:fleet-test-secret"
 PK = "pk_fleet"
 START_BOUND = 30.0  # seconds for a process to import and listen on a loaded machine
@@ -67,12 +69,13 @@ class Instance:
 
 
 def config_text(ws_port: int, api_port: int, redis_url: str, prefix: str, bot_url: str,
-                *, server: str = "", store: str = "", agents: str = "") -> str:
+                *, server: str = "", store: str = "", agents: str = "",
+                public_url: str = "") -> str:
     return (
         "[server]\n"
         f'ws_bind = ["127.0.0.1:{ws_port}"]\n'
         f'api_bind = ["127.0.0.1:{api_port}"]\n'
-        f'public_url = "ws://127.0.0.1:{ws_port}"\n'
+        f'public_url = "{public_url or f"ws://127.0.0.1:{ws_port}"}"\n'
         f'public_keys = ["{PK}"]\n'
         "close_timeout = 1\n"
         "ping_interval = 1000\n"
@@ -134,7 +137,8 @@ async def fleet(directory: Path, names: list[str], redis_url: str, prefix: str,
                 bot_url: str, **config: str) -> AsyncIterator[dict[str, Instance]]:
     """Start one `relay serve` per name, all on ``redis_url``; kill them all at the end."""
     instances: dict[str, Instance] = {}
-    env = {**os.environ, "RELAY_SECRET": SECRET}
+    env = {**os.environ, "RELAY_SECRET": SECRET,  # tests/ on the path: python: bots there
+           "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
     try:
         for name in names:
             ws_port, api_port = free_port(), free_port()
@@ -174,8 +178,14 @@ async def upgrade_status(port: int, path: str, token: str | None = None) -> tupl
                 if not chunk:
                     break
                 data += chunk
-            if not data.startswith(b"HTTP/1.1 101"):  # a refusal: read its body to the end
-                while chunk := await stream.receive_some(4096):
-                    data += chunk
+            if not data.startswith(b"HTTP/1.1 101"):  # a refusal: read its body
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                while length is None or len(body) < int(length.group(1)):
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        break
+                    body += chunk
+                data = head + b"\r\n\r\n" + body
     head = data.split(b"\r\n\r\n", 1)[0]
     return int(head.split(b" ", 2)[1]), data

@@ -120,3 +120,35 @@ async def test_kill_9_of_an_instance_frees_its_slots_within_lease_ttl(
             with pytest.raises(ConnectionClosed):
                 await held.get_message()  # the killed instance's client saw it go
         assert freed_after <= LEASE_TTL + 3.0, freed_after  # 3 s: a loaded machine
+
+
+async def test_newcomers_racing_on_two_instances_for_one_slot_one_gets_it(
+        tmp_path: Path, redis_server: RedisServer) -> None:  # noqa: F811
+    outcomes: list[str] = []
+    async with bot_server() as bot, \
+            fleet(tmp_path, ["a", "b"], redis_server.url, fresh_prefix(), bot.url,
+                  store=STORE, agents=AGENTS.format(bot=bot.url)) as f:
+        all_in = trio.Event()
+
+        def answered(outcome: str) -> None:
+            outcomes.append(outcome)
+            if len(outcomes) == 8:
+                all_in.set()
+
+        async def newcomer(port: int) -> None:
+            async with open_client(f"ws://127.0.0.1:{port}/ws/generic/one.local") as ws:
+                try:
+                    await echo(ws, "mine?")
+                    answered("admitted")
+                except ConnectionClosed as exc:
+                    answered(str(exc.reason.code))
+                    return
+                await all_in.wait()  # hold the slot until every newcomer has an answer
+
+        async with trio.open_nursery() as nursery:
+            for inst in [f["a"], f["b"]] * 4:
+                nursery.start_soon(newcomer, inst.ws_port)
+            with trio.fail_after(WAIT):
+                await all_in.wait()
+    assert sorted(outcomes) == ["1013"] * 7 + ["admitted"]
+    assert len(bot.requests) == 1
