@@ -152,3 +152,23 @@ async def test_newcomers_racing_on_two_instances_for_one_slot_one_gets_it(
                 await all_in.wait()
     assert sorted(outcomes) == ["1013"] * 7 + ["admitted"]
     assert len(bot.requests) == 1
+
+
+async def test_start_answers_429_on_another_instance_once_the_fleet_is_full(
+        tmp_path: Path, redis_server: RedisServer) -> None:  # noqa: F811
+    # /start's 429 agent_full uses the fleet's count as of the last lease renewal
+    # (every lease_ttl / 3), so B learns within that of A's session.
+    async with bot_server() as bot, \
+            fleet(tmp_path, ["a", "b"], redis_server.url, fresh_prefix(), bot.url,
+                  store=STORE, agents=AGENTS.format(bot=bot.url)) as f:
+        status, answer = await f["b"].start("one")
+        assert status == 200, answer
+        async with open_client(f["a"].ws_url("/ws/generic/one.local")) as held:
+            await echo(held, "holding")
+            with trio.fail_after(LEASE_TTL / 3 + WAIT):
+                while True:
+                    if (await f["b"].start("one"))[0] == 429:
+                        break
+                    await trio.sleep(0.2)
+            status, answer = await f["b"].start("one")
+            assert (status, answer["code"]) == (429, "agent_full")

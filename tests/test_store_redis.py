@@ -238,3 +238,50 @@ def test_password_is_kept_out_of_logged_url() -> None:
     store = RedisStore("redis://user:hunter2@cache:6379/0")
     assert "hunter2" not in store.safe_url
     assert store.safe_url == "redis://***@cache:6379/0"
+
+
+_SPIN = """
+local t = redis.call('TIME')
+local stop = tonumber(t[1]) * 1000000 + tonumber(t[2]) + 1000000
+repeat
+  t = redis.call('TIME')
+until tonumber(t[1]) * 1000000 + tonumber(t[2]) >= stop
+return 1
+"""
+
+
+async def busy_for_a_second(raw: coredis.Redis[bytes]) -> None:
+    await raw.eval(_SPIN, keys=[], args=[])
+
+
+async def test_an_answer_too_late_is_unavailable_and_never_read_as_the_next_one(
+        redis_server: RedisServer) -> None:  # noqa: F811
+    # Redis busy (a script spinning for 1 s blocks it): the call gives up after op_timeout. Its late
+    # answer must not be taken as the answer to a later call (which would hand a body,
+    # or "ok", to the wrong upgrade).
+    prefix = fresh_prefix()
+    store = RedisStore(redis_server.url, key_prefix=prefix, op_timeout=0.3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        for i in range(4):
+            await store.put_session(f"s{i}", f'{{"n":{i}}}'.encode(), EXP, now=T0)
+        timed_out = ""
+        async with coredis.Redis.from_url(redis_server.url) as raw, \
+                trio.open_nursery() as busy:
+            busy.start_soon(busy_for_a_second, raw)
+            for n in range(1000):  # until a call meets the busy Redis (no sleep guessing)
+                try:
+                    await store.consume(f"probe{n}", T0, expires_at=EXP)
+                except StoreUnavailable as exc:
+                    assert "timed out" in str(exc)
+                    timed_out = f"probe{n}"
+                    break
+        assert timed_out
+        for i in range(4):
+            assert await store.consume(f"s{i}", T0, expires_at=EXP, with_body=True) == \
+                ConsumeResult("ok", f'{{"n":{i}}}'.encode())
+        # the call that timed out may or may not have run: either way it is used once
+        assert await store.consume(timed_out, T0, expires_at=EXP) in (
+            ConsumeResult("ok"), ConsumeResult("replayed"))
+        assert await store.consume(timed_out, T0, expires_at=EXP) == ConsumeResult("replayed")
+        nursery.cancel_scope.cancel()
