@@ -8,13 +8,16 @@ after its last write)::
 
     P a:{agent}:leases   zset  member "<instance>|<id>" -> lease expiry (Redis time, ms)
     P a:{agent}:order    zset  member -> admission time: the oldest is replaced first
+    P r:<member>         str   a replaced session's tombstone, for lease_ttl + 1 s
 
 Admission is one script: drop lapsed leases, then admit; or, when full, refuse (reject)
 or take the oldest sessions' slots (replace) in the same atomic step, so two newcomers on
 two instances never take one slot. The admitting instance then has each replaced
 session's holder close it (4001) over the holder's pub/sub channel ``P i:<instance>`` and
 waits for the holder's confirmation that its teardown finished, at most
-``close_timeout`` + 1 s (then it proceeds and logs), before its own bot is dialled.
+``close_timeout`` + 1 s (then it proceeds and logs), before its own bot is dialled. If
+the request never arrives (the holder's channel was down), the holder finds the
+tombstone at its next renewal and closes the session then (4001), within lease_ttl / 3.
 
 While Redis does not answer, admission falls back to this instance's own count (auth-none
 agents keep admitting; token agents are refused before admission anyway); those sessions
@@ -36,11 +39,13 @@ from coredis.retry import NoRetryPolicy
 from .config import AgentConfig
 from .registry import REPLACE_MARGIN, Member, Registry
 from .store import StoreUnavailable
-from .store.redis import HEALTH_BACKOFF_MAX, RedisStore
+from .store.redis import RedisStore
 
 __all__ = ["FleetRegistry"]
 
 log = logging.getLogger(__name__)
+
+LISTEN_BACKOFF_MAX = 1.0  # seconds: resubscribe quickly, close requests depend on it
 
 _NOW = """
 if redis.replicate_commands then redis.replicate_commands() end
@@ -53,7 +58,8 @@ local function lapse(leases, order)
 end
 """
 
-# KEYS: leases, order. ARGV: member, max_clients, lease ms, when_full, key ttl ms.
+# KEYS: leases, order. ARGV: member, max_clients, lease ms, when_full, key ttl ms,
+# tombstone key prefix.
 _ADMIT = _NOW + """
 lapse(KEYS[1], KEYS[2])
 local count = redis.call('ZCARD', KEYS[1])
@@ -65,6 +71,8 @@ if count >= max then
   for _, m in ipairs(victims) do
     redis.call('ZREM', KEYS[1], m)
     redis.call('ZREM', KEYS[2], m)
+    -- a tombstone: the holder closes it at its next renewal if the request got lost
+    redis.call('SET', ARGV[6] .. m, '1', 'PX', ARGV[5])
   end
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
@@ -76,24 +84,30 @@ for _, m in ipairs(victims) do table.insert(reply, m) end
 return reply
 """
 
-# KEYS: leases, order. ARGV: lease ms, key ttl ms, n leased, leased..., unleased...
-# Leased members are renewed only if still present (a replaced one stays gone); members
-# admitted while Redis was down are added.
+# KEYS: leases, order. ARGV: lease ms, key ttl ms, tombstone prefix, leased members...
+# A leased member still present is renewed; one that is gone was either replaced (its
+# tombstone says so: it is returned, for the holder to close) or lost with a Redis that
+# restarted empty (it is added again: Redis blinking never cuts a live session).
 _RENEW = _NOW + """
 lapse(KEYS[1], KEYS[2])
 local lease = now + tonumber(ARGV[1])
-local n = tonumber(ARGV[3])
+local replaced = {}
 for i = 4, #ARGV do
-  if i < 4 + n then
-    redis.call('ZADD', KEYS[1], 'XX', lease, ARGV[i])
+  local m = ARGV[i]
+  if redis.call('ZSCORE', KEYS[1], m) then
+    redis.call('ZADD', KEYS[1], lease, m)
+  elseif redis.call('EXISTS', ARGV[3] .. m) == 1 then
+    table.insert(replaced, m)
   else
-    redis.call('ZADD', KEYS[1], lease, ARGV[i])
-    redis.call('ZADD', KEYS[2], 'NX', now, ARGV[i])
+    redis.call('ZADD', KEYS[1], lease, m)
+    redis.call('ZADD', KEYS[2], 'NX', now, m)
   end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return redis.call('ZCARD', KEYS[1])
+local reply = {redis.call('ZCARD', KEYS[1])}
+for _, m in ipairs(replaced) do table.insert(reply, m) end
+return reply
 """
 
 # KEYS: leases, order. ARGV: member.
@@ -132,6 +146,10 @@ class FleetRegistry(Registry):
     def _channel(self, instance: str) -> str:
         return f"{self.store.key_prefix}i:{instance}"
 
+    @property
+    def _tombstones(self) -> str:
+        return f"{self.store.key_prefix}r:"
+
     def _member(self, sid: str) -> str:
         return f"{self.instance}|{sid}"
 
@@ -145,9 +163,13 @@ class FleetRegistry(Registry):
 
     # -- running --------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
-        """Renew leases, hand releases to Redis and answer close requests, until cancelled."""
+    async def run(self, *, listen: bool = True,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Renew leases, hand releases to Redis and answer close requests, until cancelled.
+
+        ``listen=False`` leaves this instance's channel unheard (as while it is down):
+        close requests then reach it only through the tombstones, at renewal.
+        """
         await self.store.wait_running()
         for name, src in (("fleet_admit", _ADMIT), ("fleet_renew", _RENEW),
                           ("fleet_release", _RELEASE)):
@@ -156,7 +178,8 @@ class FleetRegistry(Registry):
             self._nursery = nursery
             nursery.start_soon(self._renew_loop)
             nursery.start_soon(self._release_loop)
-            nursery.start_soon(self._listen_loop)
+            if listen:
+                nursery.start_soon(self._listen_loop)
             task_status.started()
 
     async def _renew_loop(self) -> None:
@@ -165,22 +188,28 @@ class FleetRegistry(Registry):
             await self.renew()
 
     async def renew(self) -> None:
-        """Extend this instance's leases (and take leases for sessions admitted while down)."""
+        """Extend this instance's leases; take leases for sessions admitted while Redis
+        was down; close (4001) any session replaced whose close request got lost."""
         by_agent: dict[str, list[str]] = {agent: [] for agent in self._agents}
         for sid, (_member, agent) in self._by_id.items():
             by_agent.setdefault(agent, []).append(sid)
         for agent, sids in by_agent.items():
-            leased = [s for s in sids if s in self._leased]
-            unleased = [s for s in sids if s not in self._leased]
             try:
-                count = await self.store.script(
+                reply = await self.store.script(
                     "fleet_renew", self._keys(agent),
-                    [str(self._lease_ms), str(self._key_ttl_ms), str(len(leased)),
-                     *[self._member(s) for s in leased], *[self._member(s) for s in unleased]])
+                    [str(self._lease_ms), str(self._key_ttl_ms), self._tombstones,
+                     *[self._member(s) for s in sids]])
             except StoreUnavailable:
                 return
-            self._leased.update(unleased)
-            self._fleet_count[agent] = int(count)
+            self._leased.update(sids)
+            self._fleet_count[agent] = int(reply[0])
+            for raw in reply[1:]:
+                member = raw.decode() if isinstance(raw, bytes) else str(raw)
+                found = self._by_id.get(member.partition("|")[2])
+                if found is not None:
+                    log.info("session %s of agent %s was replaced elsewhere: closing it",
+                             member, agent)
+                    found[0].cancel("replaced")
 
     async def _release_loop(self) -> None:
         async for agent, sid in self._releases:
@@ -213,7 +242,7 @@ class FleetRegistry(Registry):
                 # Redis down: listen again with backoff
                 log.debug("fleet channel lost (%s); listening again in %.1f s", exc, delay)
             await trio.sleep(delay)
-            delay = min(delay * 2, HEALTH_BACKOFF_MAX)
+            delay = min(delay * 2, LISTEN_BACKOFF_MAX)
 
     def _on_message(self, text: str) -> None:
         kind, _, rest = text.partition("|")
@@ -256,7 +285,7 @@ class FleetRegistry(Registry):
             reply = await self.store.script(
                 "fleet_admit", self._keys(agent.name),
                 [self._member(sid), str(agent.max_clients), str(self._lease_ms),
-                 agent.when_full, str(self._key_ttl_ms)])
+                 agent.when_full, str(self._key_ttl_ms), self._tombstones])
         except StoreUnavailable:
             async with self._locks[agent.name]:
                 return await self._admit_alone(member, agent, sid)
