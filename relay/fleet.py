@@ -45,6 +45,9 @@ __all__ = ["FleetRegistry"]
 
 log = logging.getLogger(__name__)
 
+# Seconds a stopping instance waits to give its leases back: with the gateway's 0.5 s
+# shutdown margin, still inside close_timeout + 1 s.
+FLUSH_TIMEOUT = 0.4
 LISTEN_BACKOFF_MAX = 1.0  # seconds: resubscribe quickly, close requests depend on it
 
 _NOW = """
@@ -136,6 +139,9 @@ class FleetRegistry(Registry):
         self._send_release, self._releases = trio.open_memory_channel[tuple[str, str]](
             math.inf)
         self._nursery: trio.Nursery | None = None
+        self._pending_releases = 0
+        self._released = trio.Event()
+        self._released.set()
 
     # -- keys and messages ----------------------------------------------------------------
 
@@ -218,6 +224,16 @@ class FleetRegistry(Registry):
                                         [self._member(sid)])
             except StoreUnavailable:
                 pass  # its lease lapses within lease_ttl
+            finally:
+                self._pending_releases -= 1
+                if not self._pending_releases:
+                    self._released.set()
+
+    async def flush(self) -> None:
+        """Wait (bounded) until every ended session's lease is given back: a graceful
+        stop frees its slots at once instead of after lease_ttl."""
+        with trio.move_on_after(FLUSH_TIMEOUT):
+            await self._released.wait()
 
     async def _listen_loop(self) -> None:
         delay = 0.1
@@ -361,4 +377,6 @@ class FleetRegistry(Registry):
         self._by_id.pop(sid, None)
         if sid in self._leased:
             self._leased.discard(sid)
+            self._pending_releases += 1
+            self._released = trio.Event() if self._released.is_set() else self._released
             self._send_release.send_nowait((agent, sid))

@@ -110,6 +110,7 @@ class _StoreParts:
     up: Callable[[], bool] | None = None  # cached health, for /health and /start
     registry: Registry | None = None  # fleet-wide admission (Redis), run after the store
     run_registry: Callable[..., Awaitable[None]] | None = None
+    flush: Callable[[], Awaitable[None]] | None = None  # give leases back before stopping
 
 
 def _make_store(config: Config, metrics: Metrics) -> _StoreParts:
@@ -121,7 +122,7 @@ def _make_store(config: Config, metrics: Metrics) -> _StoreParts:
         redis = RedisStore(config.store.url, key_prefix=config.store.key_prefix,
                            on_state=metrics.store_state)
         fleet = FleetRegistry(redis, lease_ttl=config.store.lease_ttl, agents=config.agents)
-        return _StoreParts(redis, redis.run, lambda: redis.up, fleet, fleet.run)
+        return _StoreParts(redis, redis.run, lambda: redis.up, fleet, fleet.run, fleet.flush)
     return _StoreParts(MemoryStore())
 
 
@@ -318,6 +319,8 @@ class Gateway:
             await self._idle.wait()
             for member in embedded:
                 await member.done.wait()
+        if self._store.flush is not None:
+            await self._store.flush()  # bounded: ended sessions' leases go back to Redis
         if self._serve_scope is not None:
             self._serve_scope.cancel()
 

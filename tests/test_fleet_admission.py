@@ -7,6 +7,7 @@ slots are free again within lease_ttl. Real processes, real Redis, free loopback
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -172,3 +173,20 @@ async def test_start_answers_429_on_another_instance_once_the_fleet_is_full(
                     await trio.sleep(0.2)
             status, answer = await f["b"].start("one")
             assert (status, answer["code"]) == (429, "agent_full")
+
+
+async def test_sigterm_of_an_instance_gives_its_slots_back_at_once(
+        tmp_path: Path, redis_server: RedisServer) -> None:  # noqa: F811
+    # A graceful stop releases each session's lease as the session closes (1001), so the
+    # fleet does not wait for lease_ttl as it must after a kill -9.
+    async with bot_server() as bot, \
+            fleet(tmp_path, ["a", "b"], redis_server.url, fresh_prefix(), bot.url,
+                  store=STORE, agents=AGENTS.format(bot=bot.url)) as f:
+        async with open_client(f["a"].ws_url("/ws/generic/one.local")) as held:
+            await echo(held, "held")
+            f["a"].process.send_signal(signal.SIGTERM)
+            assert await close_code(held) == 1001
+            with trio.fail_after(WAIT):
+                assert await f["a"].process.wait() == 0
+        async with open_client(f["b"].ws_url("/ws/generic/one.local")) as ws:
+            await echo(ws, "admitted at once, not after lease_ttl")
