@@ -60,6 +60,9 @@ REFUSED = {
                          "agents.a.bot: cannot load bot 'python:relay.echo:no_such_bot'"),
     "not callable": (BINDS + '[agents.a]\nbot = "python:relay.config:ECHO_BOT"\n',
                      "agents.a.bot: bot 'python:relay.config:ECHO_BOT' is not callable"),
+    "workers on the memory store": (BINDS + 'workers = 2\n'
+                                    '[agents.a]\nbot = "python:relay.echo:echo_bot"\n',
+                                    'server.workers: 2 workers need [store] backend = "redis"'),
     "missing TLS files": (BINDS + 'certfile = "/nonexistent/c.pem"\n'
                           'keyfile = "/nonexistent/k.pem"\n'
                           '[agents.a]\nbot = "python:relay.echo:echo_bot"\n',
