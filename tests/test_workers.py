@@ -176,11 +176,13 @@ async def test_sigterm_ends_supervisor_and_workers_with_0_in_time(
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie no init has reaped yet counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
         return False
-    return True
+    return state not in ("Z", "X")
 
 
 async def test_workers_with_the_memory_store_exit_2_naming_server_workers(
@@ -201,3 +203,18 @@ async def test_workers_with_the_memory_store_exit_2_naming_server_workers(
         [sys.executable, "-m", "relay", "check-config", str(path)], env=env(),
         capture_stdout=True, capture_stderr=True, check=False)
     assert result.returncode == 2 and b"server.workers" in result.stderr
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(
+        tmp_path: Path, redis_server: RedisServer) -> None:  # noqa: F811
+    async with supervised(tmp_path, redis_server.url) as sup:
+        pids = await until_pids(sup, 2)
+        sup.process.kill()  # SIGKILL: no signal reaches the workers, only EOF on stdin
+        with trio.fail_after(WAIT):
+            await sup.process.wait()
+        with trio.fail_after(CLOSE_TIMEOUT + 1 + EXIT_SLACK):
+            while True:
+                if not [pid for pid in pids if _alive(pid)]:
+                    break
+                await trio.sleep(0.05)
+        assert "the supervisor is gone: shutting down" in sup.stderr_text()
