@@ -130,7 +130,8 @@ class Metrics:
             registry=r,
         )
         self.handshakes_in_flight = Gauge(
-            "relay_handshakes_in_flight", "Upgrade requests being read now", registry=r
+            "relay_handshakes_in_flight", "Upgrade requests being read now", registry=r,
+            multiprocess_mode="livesum",  # workers: the sum over live workers
         )
         for reason in CONNECTION_REFUSALS:
             self._conn_refused.labels(reason)
