@@ -113,7 +113,8 @@ class _StoreParts:
     flush: Callable[[], Awaitable[None]] | None = None  # give leases back before stopping
 
 
-def _make_store(config: Config, metrics: Metrics) -> _StoreParts:
+def _make_store(config: Config, metrics: Metrics, wall_clock: Callable[[], float]
+                ) -> _StoreParts:
     """The ``[store]`` the config names: the process's own, or the fleet's Redis."""
     if config.store.backend == "redis":
         from .fleet import FleetRegistry
@@ -123,7 +124,8 @@ def _make_store(config: Config, metrics: Metrics) -> _StoreParts:
                            on_state=metrics.store_state)
         fleet = FleetRegistry(redis, lease_ttl=config.store.lease_ttl, agents=config.agents)
         return _StoreParts(redis, redis.run, lambda: redis.up, fleet, fleet.run, fleet.flush)
-    return _StoreParts(MemoryStore())
+    # A token's issue time is read back as expiry - lifetime: allow a float rounding.
+    return _StoreParts(MemoryStore(remembers_since=wall_clock() - 0.001))
 
 
 class Gateway:
@@ -149,7 +151,7 @@ class Gateway:
         keys = prepared.keys
         metrics = Metrics()
         self.config = config
-        self._store = _make_store(config, metrics)
+        self._store = _make_store(config, metrics, wall_clock)
         self.rt = Runtime(
             config=config,
             events=Events(on_client_connected, on_client_disconnected, on_session_timeout,

@@ -385,3 +385,15 @@ def test_no_operation_sequence_loses_a_body_or_forgets_a_use_early(
                     assert pending in store
 
     trio.run(run)
+
+
+async def test_a_token_issued_before_the_store_began_remembering_is_unverifiable() -> None:
+    store = MemoryStore(remembers_since=T0)
+    before = T0 - 1 + LIFE  # expiry of a token issued one second before the store began
+    assert (await store.reserve("old", T0, expires_at=before)).status == "unverifiable"
+    assert (await store.consume("old", T0, expires_at=before)).status == "unverifiable"
+    assert store.consumed_count == 0  # nothing reserved for it
+    assert (await store.reserve("new", T0, expires_at=T0 + LIFE)).ok  # issued since: fine
+    # a session /start put here is this store's own, whatever the clock says
+    await store.put_session("mine", b"{}", before, now=T0)
+    assert (await store.reserve("mine", T0, expires_at=before)).ok

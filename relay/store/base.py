@@ -91,7 +91,7 @@ class StoreFull(RelayError):
                          f"{_BOUND_TEXT[bound]}")
 
 
-Status = Literal["ok", "replayed", "body_unavailable", "unknown"]
+Status = Literal["ok", "replayed", "body_unavailable", "unknown", "unverifiable"]
 
 
 @attrs.frozen

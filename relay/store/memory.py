@@ -5,11 +5,13 @@ The protocol it implements, and the meaning of each result, are in ``relay.store
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import attrs
 import trio
 
+from ..tokens import TOKEN_LIFETIME
 from .base import MAX_BODY_BYTES, MAX_ENTRIES, MAX_MARKERS, ConsumeResult, StoreFull
 
 __all__ = ["MemoryStore"]
@@ -49,6 +51,7 @@ class MemoryStore:
         max_entries: int = MAX_ENTRIES,
         max_body_bytes: int = MAX_BODY_BYTES,
         max_markers: int = MAX_MARKERS,
+        remembers_since: float = -math.inf,
     ) -> None:
         if max_entries < 1 or max_body_bytes < 0 or max_markers < 1:
             raise ValueError("store bounds must be positive")
@@ -58,6 +61,11 @@ class MemoryStore:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._markers: OrderedDict[str, _Marker] = OrderedDict()
         self._body_bytes = 0
+        # Wall-clock second this store began remembering uses. A token issued before it
+        # (by an earlier run of this process, with the same key) may have been used
+        # already, and nothing here can say: it is refused as "unverifiable", never
+        # honoured, so a restart cannot make a used one-time token usable again.
+        self.remembers_since = remembers_since
 
     @property
     def entry_count(self) -> int:
@@ -177,6 +185,8 @@ class MemoryStore:
             # Minted with a body that is not held: the bot must never start as if the
             # client had sent none.
             return ConsumeResult("body_unavailable")
+        if entry is None and expires_at - TOKEN_LIFETIME < self.remembers_since:
+            return ConsumeResult("unverifiable")
         if entry is None and len(self._entries) + len(self._markers) >= self.max_markers:
             raise StoreFull("markers", self.max_markers)
         self._markers[session_id] = _Marker(expires_at)
