@@ -57,8 +57,11 @@ class Ports:
     api: list[tuple[str, int]]
 
 
-def bind_listener(bind: Bind) -> socket.socket:
-    """Open one listening socket; BindError names the address when it cannot."""
+def bind_socket(bind: Bind, *, reuseport: bool) -> socket.socket:
+    """Bind one TCP socket (not yet listening); BindError names the address when it cannot.
+
+    ``reuseport``: several processes share the address (SO_REUSEPORT, relay.supervisor).
+    """
     try:
         infos = socket.getaddrinfo(bind.host, bind.port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
@@ -68,11 +71,21 @@ def bind_listener(bind: Bind) -> socket.socket:
         raise BindError(str(bind), exc.strerror or str(exc)) from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if is_worker():  # one of several processes sharing this bind (relay.supervisor)
+        if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise BindError(str(bind), exc.strerror or str(exc)) from exc
+    return sock
+
+
+def bind_listener(bind: Bind) -> socket.socket:
+    """Open one listening socket; BindError names the address when it cannot."""
+    sock = bind_socket(bind, reuseport=is_worker())  # a worker shares it (relay.supervisor)
+    try:
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError as exc:

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from .config import Bind, Config
-from .errors import BindError
+from .gateway import bind_socket
 from .workers import WORKER_ENV, worker_env_value
 
 __all__ = ["run_supervisor"]
@@ -48,23 +48,7 @@ EXIT_CONFIG = 2
 
 def reserve(bind: Bind) -> socket.socket:
     """Bind ``bind`` with SO_REUSEPORT without listening: the port is ours, nobody else's."""
-    try:
-        infos = socket.getaddrinfo(bind.host, bind.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        family, socktype, proto, _, addr = infos[0]
-        sock = socket.socket(family, socktype, proto)
-    except OSError as exc:
-        raise BindError(str(bind), exc.strerror or str(exc)) from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(addr)
-    except OSError as exc:
-        sock.close()
-        raise BindError(str(bind), exc.strerror or str(exc)) from exc
-    return sock
+    return bind_socket(bind, reuseport=True)
 
 
 def _concrete(bind: Bind, sock: socket.socket) -> Bind:
