@@ -17,7 +17,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from support import KEYS, BotServer, bot_server, make_config
+from support import KEYS, BotServer, bot_server, echo_behaviour, make_config
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
@@ -25,10 +25,13 @@ from trio_websocket import (
     serve_websocket,
     wrap_client_stream,
 )
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
 from wsproto.frame_protocol import CloseReason as WireCloseReason
 
 from relay.config import Config
 from relay.gateway import Gateway
+from relay.inprocess import ClientDisconnected, Session
 from relay.runtime import SessionInfo
 from relay.tokens import mint
 
@@ -356,12 +359,47 @@ async def test_newer_client_replaces_the_oldest_with_4001() -> None:
         await first.send_message("one")
         assert await first.get_message() == "one"
         async with open_websocket_url(app.url()) as second:
-            # the predecessor's teardown finished before the newcomer's bot was dialled
             assert bot.close_codes == [4001]
             assert app.events[:2] == [("connected", None), ("disconnected", "replaced")]
             assert await closed_code(first) == (4001, "replaced")
             await second.send_message("two")
             assert await second.get_message() == "two"
+
+
+async def test_newcomers_bot_is_dialled_only_after_the_predecessors_teardown(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The predecessor's teardown is held open 5 s (its on_client_disconnected is slow,
+    within the close_timeout + 1 s the registry waits at most): the newcomer's bot must
+    not be dialled before it has finished."""
+    log: list[tuple[str, float]] = []
+
+    async def dialled(ws: WebSocketConnection, bot: BotServer) -> None:
+        log.append(("dialled", trio.current_time()))
+        await echo_behaviour(ws, bot)
+
+    async def slow_disconnect(info: SessionInfo) -> None:
+        log.append(("teardown", trio.current_time()))
+        await trio.sleep(5)
+        log.append(("torn down", trio.current_time()))
+
+    async with bot_server(dialled) as bot, trio.open_nursery() as nursery:
+        gateway = Gateway(make_config(bot.url, close_timeout=10), keys=KEYS,
+                          wall_clock=trio.current_time, on_client_disconnected=slow_disconnect)
+        server = await nursery.start(serve_websocket, gateway.handle, "127.0.0.1", 0, None)
+        url = f"ws://127.0.0.1:{server.port}/ws/generic/a.local"
+        async with open_websocket_url(url) as first:
+            await first.send_message("one")
+            assert await first.get_message() == "one"
+            async with open_websocket_url(url) as second:
+                assert await closed_code(first) == (4001, "replaced")
+                await second.send_message("two")
+                assert await second.get_message() == "two"
+        await wait_until(lambda: not gateway.rt.open_connections)
+        nursery.cancel_scope.cancel()
+    kinds = [kind for kind, _ in log]
+    assert kinds[:4] == ["dialled", "teardown", "torn down", "dialled"], log
+    assert log[3][1] - log[1][1] >= 5
 
 
 async def test_replacement_keeps_the_newcomer_counted() -> None:
@@ -417,6 +455,113 @@ async def test_client_message_over_the_limit_is_1009_and_bot_gets_1001() -> None
             assert (await closed_code(ws))[0] == 1009
         await wait_closed(bot)
         assert bot.close_codes[-1] == 1001
+
+
+# -- limits on the embedding path (its own code: message-level legs) ----------------------
+
+KEEPALIVE = {"ping_interval": 5, "ping_timeout": 5}
+inprocess_received: list[str | bytes] = []  # what recording_echo got
+
+
+async def recording_echo(session: Session) -> None:
+    try:
+        while True:
+            message = await session.receive()
+            inprocess_received.append(message)
+            await session.send(message)
+    except ClientDisconnected:
+        return
+
+
+@asynccontextmanager
+async def silent_client(url: str) -> AsyncIterator[trio.SocketStream]:
+    """A raw wsproto client that reads the 101 and then nothing: no pongs, no reads."""
+    parts = urlsplit(url)
+    stream = await trio.open_tcp_stream("127.0.0.1", parts.port or 80)
+    try:
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host=parts.netloc, target=parts.path)))
+        while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+            data = await stream.receive_some(1)  # leave whatever follows the 101 unread
+            assert data, "the gateway closed before its 101"
+            ws.receive_data(data)
+        yield stream
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def test_client_that_stops_answering_pings_is_gone_and_bot_gets_1001(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with bot_server() as bot, embedded(make_config(bot.url, server=KEEPALIVE)) as app:
+        with trio.fail_after(120):
+            async with silent_client(app.url()):
+                accepted = trio.current_time()
+                await bot.closed.wait()
+                # the first ping at +5 s, unanswered for ping_timeout 5 s
+                assert trio.current_time() - accepted == pytest.approx(10, abs=0.2)
+    assert bot.close_codes[-1] == 1001
+    assert app.events[-1] == ("disconnected", "client_gone")
+
+
+async def test_client_that_reads_nothing_is_stalled_after_stall_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def flood(ws: WebSocketConnection, bot: BotServer) -> None:
+        while True:
+            await ws.send_message(b"f" * 65536)
+
+    async with bot_server(flood) as bot, \
+            embedded(make_config(bot.url, stall_timeout=3, close_timeout=2)) as app:
+        with trio.fail_after(120):
+            async with silent_client(app.url()):
+                accepted = trio.current_time()
+                await bot.closed.wait()
+                stalled_after = trio.current_time() - accepted
+    assert app.events[-1] == ("disconnected", "client_stalled")
+    assert bot.close_codes[-1] == 1001
+    assert 3 <= stalled_after <= 3 + 2 + 0.2
+
+
+async def test_bot_message_over_max_message_size_is_1009_to_bot_1001_to_client(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def big(ws: WebSocketConnection, bot: BotServer) -> None:
+        await ws.send_message(b"a" * 1000)
+        await ws.send_message(b"b" * 1001)
+        await ws.get_message()
+
+    async with bot_server(big) as bot, \
+            embedded(make_config(bot.url, max_message_size=1000)) as app:
+        async with open_websocket_url(app.url()) as ws:
+            assert await ws.get_message() == b"a" * 1000  # exactly at the limit passes
+            assert (await closed_code(ws))[0] == 1001
+        await wait_closed(bot)
+    assert bot.close_codes[-1] == 1009
+    assert app.events[-1] == ("disconnected", "bot_too_big")
+
+
+async def test_inprocess_client_message_over_the_limit_is_1009_and_never_delivered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    inprocess_received.clear()
+    config = make_config("python:test_embedded:recording_echo", max_message_size=1000)
+    async with embedded(config) as app, open_websocket_url(app.url()) as ws:
+        await ws.send_message(b"a" * 1000)
+        assert await ws.get_message() == b"a" * 1000
+        await ws.send_message(b"b" * 1001)
+        assert (await closed_code(ws))[0] == 1009
+    assert inprocess_received == [b"a" * 1000]
+
+
+async def test_upgrade_while_shutting_down_is_503_and_dials_nothing() -> None:
+    async with bot_server() as bot, embedded(make_config(bot.url)) as app:
+        await app.gateway.shutdown()  # the app keeps its own server running
+        rejection = await refused(app.url())
+    assert rejection.status_code == 503
+    assert rejection.body is not None
+    assert json.loads(rejection.body)["code"] == "shutting_down"
+    assert bot.requests == []
 
 
 async def test_metrics_count_the_session() -> None:
