@@ -41,7 +41,7 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.extensions import PerMessageDeflate
-from wsproto.frame_protocol import CloseReason
+from wsproto.frame_protocol import CloseReason, FrameProtocol
 from wsproto.utilities import LocalProtocolError
 
 from relay.inprocess import ClientDisconnected, Session
@@ -396,18 +396,58 @@ CLOSES = [
 ]
 
 
+BOTS_OWN_ANSWER = (1000, "the bot's own answer")
+
+
+async def answer_close_with_own_code(peer: Peer, request: Request, bot: RawBot) -> None:
+    """Echo messages; answer a close with a code and reason of its own (RFC 6455 allows
+    any), so a test can tell the bot's answer from an echo made by the gateway."""
+    await accept(peer)
+    while True:
+        ev = await peer.event()
+        if isinstance(ev, TextMessage | BytesMessage):
+            await peer.send_message(ev.data)
+        elif isinstance(ev, CloseConnection):
+            bot.closes.append(peer.wire_close() or (0, ""))
+            await peer.send(CloseConnection(*BOTS_OWN_ANSWER))
+            return
+
+
 @pytest.mark.parametrize(("code", "reason"), CLOSES)
 async def test_client_close_code_and_reason_reach_bot_unchanged(code: int, reason: str) -> None:
-    closes: list[tuple[int, str]] = []
-    async with bot_server(record_close(closes)) as bot, running(make_config(bot.url)) as gw:
+    async with raw_bot(answer_close_with_own_code) as bot, \
+            running(make_config(bot.url)) as gw:
         with trio.fail_after(WAIT):
             client = await connect(gw.ws_port)
             await client.send_message("hi")
             assert await client.message() == "hi"
             answer = await client.close(code, reason)
-        await wait_closed(bot)
-        assert closes == [(code, reason)]
-        assert answer == (code, reason)  # the bot's echo of our close came back through
+            await bot.done.wait()
+        assert bot.closes == [(code, reason)]
+        assert answer == BOTS_OWN_ANSWER  # the bot's answer came back, not an echo of ours
+
+
+async def test_client_whose_bot_never_answers_its_close_gets_its_code_back_at_close_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def silent(peer: Peer, request: Request, bot: RawBot) -> None:
+        await accept(peer)
+        while not isinstance(await peer.event(), CloseConnection):
+            pass
+        bot.closes.append(peer.wire_close() or (0, ""))
+        await peer.wait_eof()  # never answers; the gateway drops the leg
+
+    async with raw_bot(silent) as bot, running(make_config(bot.url, close_timeout=3)) as gw:
+        with trio.fail_after(60):
+            client = await connect(gw.ws_port)
+            sent = trio.current_time()
+            answer = await client.close(4321, "bye")
+            answered_after = trio.current_time() - sent
+            await client.wait_eof()
+            await bot.done.wait()
+    assert bot.closes == [(4321, "bye")]
+    assert answer == (4321, "bye")  # the gateway answered for the silent bot
+    assert answered_after == pytest.approx(3, abs=0.2)
 
 
 @pytest.mark.parametrize(("code", "reason"), CLOSES)
@@ -511,16 +551,28 @@ async def test_session_timeout_closes_both_with_4000_at_exact_time(
         assert closed_at[0] == pytest.approx(accepted + 7.25, abs=1e-9)
 
 
-async def test_replaced_client_gets_4001_its_bot_4001_and_newcomer_works() -> None:
+async def test_replaced_client_gets_4001_its_bot_4001_and_newcomer_works(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     closes: list[tuple[int, str]] = []
     closes_seen_at_connect: list[int] = []
+    log: list[tuple[str, float]] = []
 
     async def behaviour(ws: WebSocketConnection, bot: BotServer) -> None:
+        log.append(("dialled", trio.current_time()))
         closes_seen_at_connect.append(len(closes))
         await record_close(closes)(ws, bot)
 
+    async def slow_disconnect(info: Any) -> None:
+        # Holds the predecessor's teardown open for 5 s of fake time (within the
+        # close_timeout + 1 s the registry waits at most), so the order is observable.
+        log.append(("teardown", trio.current_time()))
+        await trio.sleep(5)
+        log.append(("torn down", trio.current_time()))
+
     async with bot_server(behaviour) as bot, running(
-        make_config(bot.url, max_clients=1, when_full="replace")
+        make_config(bot.url, max_clients=1, when_full="replace", close_timeout=10),
+        on_client_disconnected=slow_disconnect,
     ) as gw:
         with trio.fail_after(WAIT):
             old = await connect(gw.ws_port)
@@ -539,8 +591,11 @@ async def test_replaced_client_gets_4001_its_bot_4001_and_newcomer_works() -> No
             await new.close(1000)
         assert old_close == [(4001, "replaced")]
         assert closes[0] == (4001, "replaced")
-        # the predecessor's bot leg was closed before the newcomer's bot was dialled
+        # the predecessor's bot leg was closed, and its teardown had finished, before the
+        # newcomer's bot was dialled
         assert closes_seen_at_connect == [0, 1]
+        assert [kind for kind, _ in log][:4] == ["dialled", "teardown", "torn down", "dialled"]
+        assert log[3][1] - log[1][1] >= 5
         assert len(bot.requests) == 2
 
 
@@ -710,6 +765,24 @@ async def test_bot_that_stops_reading_gets_1008_and_client_1001(
 
 
 # -- 2. messages --------------------------------------------------------------------------
+
+
+async def test_frame_sent_right_behind_the_upgrade_request_reaches_the_bot() -> None:
+    """A client may send its first frame before the 101 arrives (in the same write as its
+    request, even): the bot leg exists before the 101, so the frame must not be lost."""
+    async with raw_bot() as bot, running(make_config(bot.url)) as gw:
+        with trio.fail_after(WAIT):
+            stream = await trio.open_tcp_stream("127.0.0.1", gw.ws_port)
+            OPEN_STREAMS.append(stream)
+            client = Peer(stream, WSConnection(ConnectionType.CLIENT))
+            request = client.ws.send(Request(host="127.0.0.1", target="/ws/generic/a.local"))
+            early = FrameProtocol(client=True, extensions=[]).send_data("early", fin=True)
+            await stream.send_all(request + early)
+            assert isinstance(await client.event(), AcceptConnection)
+            assert await client.message() == "early"
+            await client.close(1000)
+            await bot.done.wait()
+    assert bot.received == ["early"]
 
 
 async def test_text_stays_text_binary_stays_binary_including_empty() -> None:
@@ -1394,7 +1467,12 @@ async def test_rejected_newcomer_connection_is_closed_once_it_answers_1013(
         with trio.fail_after(60):
             first = await connect(gw.ws_port)
             second = await connect(gw.ws_port)
-            assert await second.close_code() == (1013, "try again later")
+            close = await second.event()
+            assert isinstance(close, CloseConnection)
+            with trio.move_on_after(0.5):  # we take 0.5 s to answer: the gateway waits
+                await second.wait_eof()
+            assert not second.eof, "the gateway closed TCP before the client's close reply"
+            assert await second.answer_close(close) == (1013, "try again later")
             at = trio.current_time()
             await second.wait_eof()
             lag = trio.current_time() - at

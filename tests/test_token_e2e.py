@@ -385,6 +385,23 @@ async def test_second_upgrade_with_same_token_is_403_replayed_and_bot_sees_nothi
         assert await refusal_count(gw.api_port, "replayed") == before + 3
 
 
+async def test_replayed_token_leaves_the_live_session_alone() -> None:
+    """max_clients = 1, replace: a replay of the incumbent's own token must be refused
+    before admission, so it never closes the incumbent (one token, one session)."""
+    closes: list[int | None] = []
+    async with e2e() as (bot, gw):
+        token = (await start_ok(gw.api_port, "tok"))["token"]
+        with trio.fail_after(WAIT):
+            async with open_websocket_url(gw.url("tok", f"/{token}")) as incumbent:
+                await echo_once(incumbent, "before")
+                await refused_with(gw.url("tok", f"/{token}"), 403, "replayed")
+                await echo_once(incumbent, "after")  # still open, still relaying
+                assert gw.gateway.session_count("tok") == 1
+                closes.extend(bot.close_codes)  # the incumbent's bot leg was not closed
+    assert closes == []
+    assert len(bot.requests) == 1
+
+
 async def test_two_concurrent_upgrades_with_one_token_exactly_one_is_accepted() -> None:
     async with bot_server() as bot, closed_port() as dead:
         config = e2e_config(
@@ -526,6 +543,11 @@ async def test_full_agent_1013_gateway_closes_tcp_right_after_the_close_exchange
                         for event in ws.events():
                             if isinstance(event, CloseConnection):
                                 assert event.code == 1013
+                                # the gateway waits for our answer (RFC 6455 §7.1.1):
+                                # no EOF while we take 0.5 s to send it
+                                with trio.move_on_after(0.5):
+                                    assert await stream.receive_some(65_536) != b"", (
+                                        "the gateway closed TCP before our close reply")
                                 await stream.send_all(ws.send(event.response()))
                                 closed_at = trio.current_time()
                     # the server now closes TCP first: EOF without the client closing
@@ -819,8 +841,10 @@ async def test_1000_start_connect_cycles_leave_no_bodies_and_purge_clears_marker
     clock = FakeWallClock()
     async with bot_server() as bot, running(e2e_config(bot.url), wall_clock=clock) as gw:
         store = gw.gateway.rt.store
-        with trio.fail_after(60):
-            for i in range(CYCLES):
+        for i in range(CYCLES):
+            # Bound each cycle, not the run: a hang fails at once, a loaded machine is slow
+            # but never wrong (the whole run took 7 s idle and 60 s with 10 busy loops).
+            with trio.fail_after(WAIT):
                 answer = await start_ok(
                     gw.api_port, "inecho", {"transport": "websocket", "body": {"i": i}}
                 )
