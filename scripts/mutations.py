@@ -28,8 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-UNIT = ("tests/test_frames.py", "tests/test_handshake.py", "tests/test_tokens.py",
-        "tests/test_store.py")
+STORE = ("tests/test_store.py", "tests/test_store_conformance.py")
 E2E = "tests/test_relay_e2e.py"
 TOKENS = "tests/test_token_e2e.py"
 LIFE = "tests/test_lifecycle.py"
@@ -190,7 +189,11 @@ MUTATIONS: list[Mutation] = [
       "an Authorization: Bearer token is not the first source", ("tests/test_tokens.py",)),
     M("tokens.consumed-marker-not-kept", "relay/store.py",
       "        self._consumed[session_id] = expires_at\n", "",
-      "a used token can be used again", ("tests/test_store.py",)),
+      "a used token can be used again", STORE),
+    M("store.purge-keeps-markers", "relay/store.py",
+      "        for session_id in used:\n            del self._consumed[session_id]",
+      "        for session_id in used:\n            pass",
+      "purge never forgets used tokens: memory grows for ever", STORE),
     # -- registry ----------------------------------------------------------------------
     M("registry.no-wait-for-predecessor", "relay/registry.py",
       "                with trio.move_on_after(agent.limits.close_timeout + REPLACE_MARGIN):\n"

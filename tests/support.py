@@ -70,6 +70,7 @@ async def bot_server(behaviour: BotBehaviour = echo_behaviour, *,
         try:
             await behaviour(ws, bot)
         except ConnectionClosed as exc:
+            assert exc.reason is not None
             bot.close_codes.append(exc.reason.code)
         finally:
             if ws.closed is not None and (not bot.close_codes or

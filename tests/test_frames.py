@@ -21,7 +21,7 @@ from wsproto.events import (
     Pong,
     TextMessage,
 )
-from wsproto.extensions import PerMessageDeflate
+from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
 
 from relay.frames import (
@@ -263,7 +263,7 @@ def to_events(script: list[list[Normal] | Normal]) -> tuple[list[Event], list[No
                     events.append(Ping(item[1]) if item[0] == "ping" else Pong(item[1]))  # type: ignore[arg-type]
                     expected.append(item)
                     continue
-                kind, data, finished = item
+                kind, data, finished = item  # type: ignore[assignment]
                 cls = TextMessage if kind == "text" else BytesMessage
                 events.append(cls(data=data, message_finished=finished))  # type: ignore[arg-type]
                 parts.append(data)  # type: ignore[arg-type]
@@ -271,14 +271,14 @@ def to_events(script: list[list[Normal] | Normal]) -> tuple[list[Event], list[No
             expected.append((kind, joined))
             messages += 1
         else:
-            kind, payload = entry
+            kind, payload = entry  # type: ignore[assignment]
             events.append(Ping(payload) if kind == "ping" else Pong(payload))  # type: ignore[arg-type]
             expected.append(entry)
     return events, expected, messages
 
 
 def encode_with_wsproto(side: ConnectionType, events: list[Event], ext: bool = False) -> bytes:
-    extensions = []
+    extensions: list[Extension] = []
     if ext:
         pmd = PerMessageDeflate()
         pmd.finalize("permessage-deflate")
@@ -458,7 +458,7 @@ def test_large_frame_payload_streams_out_chunk_by_chunk() -> None:
     for i in range(0, len(stream), step):
         chunk = stream[i : i + step]
         pieces = scanner.feed(memoryview(chunk))
-        assert sum(len(p) for p in pieces) == len(chunk)  # type: ignore[arg-type]
+        assert sum(len(p) for p in pieces) == len(chunk)  # type: ignore[arg-type, misc]
         out += b"".join(bytes(p) for p in pieces)  # type: ignore[arg-type]
         assert scanner.mid_frame == (i + step < len(stream))
     assert bytes(out) == stream

@@ -107,7 +107,7 @@ async def raw_client(port: int, *, then: bytes = b"") -> AsyncIterator[
 
 def client_text_frame(text: str) -> bytes:
     """A masked text frame as a browser sends it, encoded by wsproto, not by relay."""
-    return FrameProtocol(client=True, extensions=[]).send_data(text, fin=True)
+    return bytes(FrameProtocol(client=True, extensions=[]).send_data(text, fin=True))
 
 
 async def next_text(stream: trio.SocketStream, ws: WSConnection) -> str:
@@ -134,6 +134,7 @@ async def test_inprocess_client_message_over_max_message_size_is_1009_and_never_
                 await ws.send_message(b"b" * 1001)
                 with pytest.raises(ConnectionClosed) as closed:
                     await ws.get_message()
+    assert closed.value.reason is not None
     assert closed.value.reason.code == 1009
     assert received == [b"a" * 1000]
 

@@ -115,6 +115,7 @@ async def recording_bot(log: Log) -> AsyncIterator[RecordingBot]:
             while True:
                 await ws.send_message(await ws.get_message())
         except ConnectionClosed as exc:
+            assert exc.reason is not None
             bot.close_codes.append(exc.reason.code)
             log.add(("bot closed", n, exc.reason.code))
         finally:
@@ -131,7 +132,9 @@ def task_count() -> int:
     def walk(task: trio.lowlevel.Task) -> int:
         return 1 + sum(walk(t) for n in task.child_nurseries for t in n.child_tasks)
 
-    return walk(trio.lowlevel.current_root_task())
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return walk(root)
 
 
 def fd_count() -> int:
@@ -148,7 +151,9 @@ async def closed_with(ws: WebSocketConnection) -> tuple[int | None, str | None]:
     with pytest.raises(ConnectionClosed) as exc:
         while True:
             await ws.get_message()
-    return exc.value.reason.code, exc.value.reason.reason or ""
+    reason = exc.value.reason
+    assert reason is not None
+    return reason.code, reason.reason or ""
 
 
 # --------------------------------------------------------------------------------------
@@ -672,6 +677,7 @@ async def test_replace_closes_the_predecessor_even_when_the_newcomers_dial_fails
             while True:
                 await ws.send_message(await ws.get_message())
         except ConnectionClosed as exc:
+            assert exc.reason is not None
             bot_closes.append(exc.reason.code)
 
     async with trio.open_nursery() as nursery:

@@ -114,6 +114,13 @@ def parse_frames(data: bytes) -> list[Frame]:
     return frames
 
 
+def message_event(data: str | bytes, finished: bool = True) -> TextMessage | BytesMessage:
+    """wsproto's event for one message (or fragment): text for str, binary for bytes."""
+    if isinstance(data, str):
+        return TextMessage(data=data, message_finished=finished)
+    return BytesMessage(data=data, message_finished=finished)
+
+
 class PeerClosed(Exception):
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(f"closed {code} {reason!r}")
@@ -139,7 +146,7 @@ class Peer:
         await self.stream.send_all(self.ws.send(event))
 
     async def send_message(self, data: str | bytes, *, finished: bool = True) -> None:
-        await self.send(Message(data=data, message_finished=finished))
+        await self.send(message_event(data, finished))
 
     async def _fill(self) -> None:
         if self.eof:
@@ -154,7 +161,7 @@ class Peer:
             if self.ws.state is not ConnectionState.CLOSED:
                 self.ws.receive_data(None)
         elif self.ws.state is not ConnectionState.CLOSED:
-            self.ws.receive_data(data)
+            self.ws.receive_data(bytes(data))
         self.events.extend(self.ws.events())
 
     async def event(self) -> Event:
@@ -370,6 +377,7 @@ def record_close(into: list[tuple[int, str]]) -> Callable[[WebSocketConnection, 
                 bot.received.append(message)
                 await ws.send_message(message)
         except ConnectionClosed as exc:
+            assert exc.reason is not None
             into.append((exc.reason.code, exc.reason.reason or ""))
             raise
 
@@ -405,7 +413,7 @@ async def answer_close_with_own_code(peer: Peer, request: Request, bot: RawBot) 
     await accept(peer)
     while True:
         ev = await peer.event()
-        if isinstance(ev, TextMessage | BytesMessage):
+        if isinstance(ev, TextMessage):
             await peer.send_message(ev.data)
         elif isinstance(ev, CloseConnection):
             bot.closes.append(peer.wire_close() or (0, ""))
@@ -1171,7 +1179,7 @@ async def batched_echo(peer: Peer, request: Request, bot: RawBot) -> None:
                            else b"".join(bytes(p) for p in parts))
                 parts = []
                 bot.received.append(message)
-                out += peer.ws.send(Message(data=message))
+                out += peer.ws.send(message_event(message))
         if out:
             await peer.stream.send_all(out)
 
@@ -1193,7 +1201,7 @@ async def test_100_concurrent_sessions_200_messages_each_nothing_lost_or_reorder
                     # `batch` separate messages per write: fewer syscalls, same frames
                     for start in range(0, count, batch):
                         await client.stream.send_all(b"".join(
-                            client.ws.send(Message(data=m))
+                            client.ws.send(message_event(m))
                             for m in expected[start : start + batch]))
 
                 nursery.start_soon(send)

@@ -185,6 +185,7 @@ async def test_signal_closes_live_sessions_with_1001_and_exits_0(
                 start = time.monotonic()
                 with pytest.raises(ConnectionClosed) as closed:
                     await ws.get_message()
+                assert closed.value.reason is not None
                 assert closed.value.reason.code == 1001
             status = await served.process.wait()
             elapsed = time.monotonic() - start
