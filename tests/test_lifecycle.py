@@ -544,13 +544,21 @@ async def test_shutdown_with_no_sessions_returns_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     gateway = Gateway(make_config(), keys=KEYS, wall_clock=trio.current_time)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(gateway.serve)
-        t0 = trio.current_time()
-        with trio.fail_after(BOUND):
+    returned: list[float] = []
+
+    async def serve(*, task_status: trio.TaskStatus[Ports]) -> None:
+        await gateway.serve(task_status=task_status)
+        returned.append(trio.current_time())
+
+    # A regression here would hang: the whole test is bounded, and nothing cancels serve().
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve)
+            t0 = trio.current_time()
             await gateway.shutdown()
-        assert trio.current_time() == t0
-    # serve() returned on its own: the nursery exited without being cancelled
+            assert trio.current_time() == t0  # shutdown() returned at once
+    assert returned == [t0]  # and serve() returned by itself, at that same moment
+    assert not nursery.cancel_scope.cancelled_caught
 
 
 async def test_serve_returns_after_shutdown(autojump_clock: trio.testing.MockClock) -> None:
