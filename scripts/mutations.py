@@ -36,6 +36,7 @@ EMB = "tests/test_embedded.py"
 INPROC = "tests/test_inprocess_e2e.py"
 LOOPS = "tests/test_gateway_loops.py"
 HS_E2E = "tests/test_handshake_e2e.py"
+CLOSING = "tests/test_closing.py"
 
 
 @dataclass(frozen=True)
@@ -111,22 +112,21 @@ MUTATIONS: list[Mutation] = [
     M("closing.replaced-not-first", "relay/closing.py",
       '    if cancel_reason == "replaced":\n        return REPLACED_BY_NEWER',
       '    if cancel_reason == "replaced!":\n        return REPLACED_BY_NEWER',
-      "a replaced session is not closed with 4001", (LIFE,)),
+      "a replaced session is not closed with 4001", (CLOSING, LIFE)),
     M("closing.timeout-beats-peer-close", "relay/closing.py",
       "    if timed_out and relay_outcome is None:", "    if timed_out:",
-      "a session timeout overrides the peer's own close that came first",
-      ("tests/test_frames.py", LIFE)),
+      "a session timeout overrides the peer's own close that came first", (CLOSING, LIFE)),
     M("closing.reason-not-truncated", "relay/closing.py",
       "    data = text.encode()[:123]", "    data = text.encode()[:200]",
-      "a close reason longer than a control frame allows is sent", ("tests/test_frames.py",)),
+      "a close reason longer than a control frame allows is sent", (CLOSING, E2E)),
     M("closing.client-stall-1001", "relay/closing.py",
       'Outcome("client_stalled", STALLED, GOING_AWAY)',
       'Outcome("client_stalled", GOING_AWAY, GOING_AWAY)',
-      "a client that stops reading gets 1001 instead of 1008", (E2E,)),
+      "a client that stops reading gets 1001 instead of 1008", (CLOSING, E2E)),
     M("closing.bot-gone-1011", "relay/closing.py",
       'BAD_GATEWAY: CloseCode = (1014, "bad gateway")',
       'BAD_GATEWAY: CloseCode = (1011, "bad gateway")',
-      "a vanished bot is reported as 1011 instead of 1014", (E2E,)),
+      "a vanished bot is reported as 1011 instead of 1014", (CLOSING, E2E)),
     M("closing.silent-partner-unanswered", "relay/passthrough.py",
       "        if code is None and side.close_from is not None:", "        if False:",
       "a peer whose partner never answers its close gets no answer from the gateway", (E2E,)),
