@@ -402,6 +402,30 @@ async def test_replayed_token_leaves_the_live_session_alone() -> None:
     assert len(bot.requests) == 1
 
 
+async def test_token_that_expires_while_its_upgrade_waits_for_the_predecessor_is_403() -> None:
+    """The newcomer's token is valid at its upgrade, but the predecessor's teardown (its
+    on_client_disconnected moves the wall clock 2 s) outlasts it: the token is refused
+    as expired after admission, never used, and no bot is dialled for it."""
+    clock = FakeWallClock()
+    async with bot_server() as bot, running(
+        e2e_config(bot.url), wall_clock=clock,
+        on_client_disconnected=lambda info: clock.advance(2),
+    ) as gw:
+        first = (await start_ok(gw.api_port, "tok"))["token"]
+        late = (await start_ok(gw.api_port, "tok"))["token"]  # expires at +300 s
+        with trio.fail_after(WAIT):
+            async with open_websocket_url(gw.url("tok", f"/{first}")) as incumbent:
+                await echo_once(incumbent)
+                clock.advance(299)  # 1 s left on `late`
+                await refused_with(gw.url("tok", f"/{late}"), 403, "expired")
+                with pytest.raises(ConnectionClosed) as closed:
+                    await incumbent.get_message()
+                await incumbent._stream.aclose()
+        assert closed.value.reason is not None
+        assert closed.value.reason.code == 4001  # the incumbent was replaced all the same
+        assert len(bot.requests) == 1
+
+
 async def test_two_concurrent_upgrades_with_one_token_exactly_one_is_accepted() -> None:
     async with bot_server() as bot, closed_port() as dead:
         config = e2e_config(
