@@ -223,43 +223,43 @@ MUTATIONS: list[Mutation] = [
       "an in-process bot's client that stops answering pings holds the session", (INPROC,)),
     M("inprocess.stall-unbounded", "relay/inprocess.py",
       "                await self.conn.send_all(data, self.limits.stall_timeout)\n"
-      "            except ConnectionLost:",
+      "                if isinstance(event, TextMessage | BytesMessage):",
       "                await self.conn.send_all(data, math.inf)\n"
-      "            except ConnectionLost:",
+      "                if isinstance(event, TextMessage | BytesMessage):",
       "a client that reads nothing from an in-process bot holds the session", (INPROC,)),
     # -- the embedding path (Gateway.handle) -------------------------------------------
-    M("embedded.keepalive-off", "relay/embedded.py",
+    M("embedded.keepalive-off", "relay/embedded_legs.py",
       "                nursery.start_soon(keepalive, self.client, self.limits,\n"
       "                                   lambda: self.end(closing.CLIENT_GONE))\n"
       "                nursery.start_soon(keepalive, self.bot, self.limits,\n"
       "                                   lambda: self.end(closing.BOT_GONE))",
       "                pass",
       "Gateway.handle never pings; vanished peers hold sessions", (EMB,)),
-    M("embedded.stall-unbounded", "relay/embedded.py",
+    M("embedded.stall-unbounded", "relay/embedded_legs.py",
       "                with trio.fail_after(self.limits.stall_timeout):\n"
       "                    await dst.send_message(message)",
       "                with trio.fail_after(math.inf):\n"
       "                    await dst.send_message(message)",
       "Gateway.handle: a peer that accepts nothing holds its session", (EMB,)),
-    M("embedded.bot-size-unlimited", "relay/embedded.py",
+    M("embedded.bot-size-unlimited", "relay/embedded_dial.py",
       "                                  agent.limits.max_message_size)",
       "                                  1 << 40)",
       "Gateway.handle: the bot leg's max_message_size is not enforced", (EMB,)),
-    M("embedded.inprocess-size-unlimited", "relay/embedded.py",
-      "            if _too_big(message, limit):\n"
+    M("embedded.inprocess-size-unlimited", "relay/embedded_legs.py",
+      "            if too_big(message, limit):\n"
       "                self.end(closing.client_violation(1009, f\"message exceeds {limit} bytes\"))"
-      "\n                return\n            try:",
+      "\n                return\n            counts = ",
       "            if False:\n"
       "                self.end(closing.client_violation(1009, f\"message exceeds {limit} bytes\"))"
-      "\n                return\n            try:",
+      "\n                return\n            counts = ",
       "Gateway.handle: max_message_size is not enforced for in-process bots", (EMB,)),
     # -- the gateway's own loops ---------------------------------------------------------
     M("gateway.counts-never-flushed", "relay/connection.py",
       "        if counts != last:", "        if False:",
       "relayed message and byte counts never reach /metrics (own listener)", (LOOPS,)),
     M("gateway.metrics-loop-off", "relay/gateway.py",
-      "            for cc in list(self.connections):\n                cc.flush_counts()",
-      "            pass",
+      "            await trio.sleep(METRICS_INTERVAL)\n            self._flush_counts()",
+      "            await trio.sleep(METRICS_INTERVAL)",
       "/metrics shows nothing of a session until it ends", (LOOPS,)),
     M("gateway.purge-loop-off", "relay/gateway.py",
       "            await self.rt.store.purge(self.rt.wall_clock())\n", "",
