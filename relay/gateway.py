@@ -126,6 +126,9 @@ class _StoreParts:
     flush: Callable[[], Awaitable[None]] | None = None  # give leases back before stopping
 
 
+RESTART_GRACE = 1.0  # seconds: see _make_store
+
+
 def _make_store(config: Config, metrics: Metrics, wall_clock: Callable[[], float]
                 ) -> _StoreParts:
     """The ``[store]`` the config names: the process's own, or the fleet's Redis."""
@@ -137,8 +140,10 @@ def _make_store(config: Config, metrics: Metrics, wall_clock: Callable[[], float
                            on_state=metrics.store_state)
         fleet = FleetRegistry(redis, lease_ttl=config.store.lease_ttl, agents=config.agents)
         return _StoreParts(redis, redis.run, lambda: redis.up, fleet, fleet.run, fleet.flush)
-    # A token's issue time is read back as expiry - lifetime: allow a float rounding.
-    return _StoreParts(MemoryStore(remembers_since=wall_clock() - 0.001))
+    # Tokens issued in the last second before this store began are still accepted: a
+    # restart (SIGTERM, shutdown, a new process importing) takes longer than that, and
+    # an embedding app may mint a token just before it builds its Gateway.
+    return _StoreParts(MemoryStore(remembers_since=wall_clock() - RESTART_GRACE))
 
 
 class Gateway:

@@ -377,11 +377,10 @@ async def test_a_provider_endpoint_routed_by_its_url_gets_503_draining_before_th
 async def test_twilio_routed_by_its_start_to_a_draining_agent_is_1013_token_kept() -> None:
     from test_provider_e2e import Provider, frame, provider, token, twilio_opening
 
-    tok = token()
-    opening = twilio_opening(_pipecatCloudServiceHost="bot.local", token=tok)
     async with bot_server() as bot, running(make_config(
             bot.url, agent="bot", websocket_auth="token",
             server={"admin_keys": [ADMIN]})) as gw:
+        opening = twilio_opening(_pipecatCloudServiceHost="bot.local", token=token())
         await gw.gateway.operations.set_draining("bot", True)
         async with provider(gw.ws_port, "/ws/twilio") as p:
             assert isinstance(p, Provider)

@@ -302,10 +302,9 @@ async def test_twilio_routed_by_its_start_custom_parameters() -> None:
 
 
 async def test_twilio_start_token_admits_a_token_agent_once() -> None:
-    tok = token()
-    opening = twilio_opening(_pipecatCloudServiceHost="bot.local", token=tok)
     async with bot_server() as bot, \
             running(config(bot.url, websocket_auth="token")) as gw:
+        opening = twilio_opening(_pipecatCloudServiceHost="bot.local", token=token())
         async with provider(gw.ws_port, "/ws/twilio") as p:
             assert isinstance(p, Provider)
             await p.send(b"".join(frame(m) for m in opening))
@@ -475,9 +474,9 @@ async def test_too_slow_opening_is_1008_at_handshake_timeout(
 
 async def test_refused_opening_gives_the_url_token_back() -> None:
     """A connection that never proved to be a provider's stream does not burn the token."""
-    tok = token()
     async with bot_server() as bot, \
             running(config(bot.url, websocket_auth="token")) as gw:
+        tok = token()
         async with provider(gw.ws_port, f"/ws/twilio/bot.local/{tok}") as p:
             await refused_with_1008(p, wrong("plivo"))
         assert bot.requests == []

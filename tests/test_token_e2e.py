@@ -923,12 +923,14 @@ async def test_mint_token_cli_token_is_accepted_once_by_gateway_with_same_secret
     async with bot_server() as bot:
         path = _mint_config(tmp_path, bot.url)
         env = {**os.environ, "RELAY_SECRET": secret}
-        done = await _relay_cli("mint-token", "tok", "--config", str(path), env=env)
-        assert done.returncode == 0, done.stderr
-        printed = json.loads(done.stdout)
-        assert printed["wsUrl"] == f"{PUBLIC_URL}/ws/generic/tok.local"
         config = load_config(path)
+        # minted while the gateway runs: the memory store refuses tokens issued before
+        # it started (it cannot know whether they were used)
         async with running(config, keys=KeyRing.parse(secret), wall_clock=time.time) as gw:
+            done = await _relay_cli("mint-token", "tok", "--config", str(path), env=env)
+            assert done.returncode == 0, done.stderr
+            printed = json.loads(done.stdout)
+            assert printed["wsUrl"] == f"{PUBLIC_URL}/ws/generic/tok.local"
             await relay_works(gw.url("tok", f"/{printed['token']}"))
             assert bot_header(bot, 0, "x-relay-session-id") == printed["sessionId"]
             await refused_with(gw.url("tok", f"/{printed['token']}"), 403, "replayed")

@@ -193,6 +193,9 @@ async def test_a_failed_dial_still_burns_the_reserved_token() -> None:
         assert (status, body["code"]) == (403, "replayed")
 
 
+RESTARTED = 10.0  # seconds between the two processes' starts, on their wall clocks
+
+
 async def test_a_body_gone_with_a_restarted_gateway_is_403_body_unavailable() -> None:
     # Same key (RELAY_SECRET), new process: the memory store and its bodies are gone.
     # The token says it was minted with a body, so the bot never starts without it.
@@ -202,7 +205,7 @@ async def test_a_body_gone_with_a_restarted_gateway_is_403_body_unavailable() ->
         with_body = await token(first.api_port, {"transport": "websocket",
                                                  "body": {"caller": "+15550100"}})
         without_body = await token(first.api_port)
-    async with running(cfg) as second:
+    async with running(cfg, wall_clock=lambda: trio.current_time() + RESTARTED) as second:
         target = f"/ws/generic/a.local/{with_body}"
         status, body = await upgrade(second.ws_port, target)
         assert (status, body["code"]) == (403, "body_unavailable")
@@ -228,7 +231,7 @@ async def test_a_token_used_before_a_restart_is_never_honoured_after_it() -> Non
     async with running(cfg) as first:
         used = await token(first.api_port)
         assert await upgrade(first.ws_port, f"/ws/generic/a.local/{used}") == (101, None)
-    async with running(cfg) as second:
+    async with running(cfg, wall_clock=lambda: trio.current_time() + RESTARTED) as second:
         status, body = await upgrade(second.ws_port, f"/ws/generic/a.local/{used}")
         assert (status, body["code"]) == (403, "unverifiable")
         assert "/start" in body["detail"]
