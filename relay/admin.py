@@ -51,28 +51,32 @@ class LiveSession:
     client_addr: str
     connected_at: float  # unix seconds the client's upgrade was accepted
     instance: str  # which gateway process holds it
-    messages_client_to_bot: int = 0
-    messages_bot_to_client: int = 0
-    bytes_client_to_bot: int = 0
-    bytes_bot_to_client: int = 0
+    # Counted by the holding instance only: None (omitted) for another instance's session.
+    messages_client_to_bot: int | None = 0
+    messages_bot_to_client: int | None = 0
+    bytes_client_to_bot: int | None = 0
+    bytes_bot_to_client: int | None = 0
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "id": self.id,
             "agent": self.agent,
             "organization": self.organization,
             "client_addr": self.client_addr,
             "connected_at": round(self.connected_at, 3),
             "instance": self.instance,
-            "messages": {
+        }
+        if self.messages_client_to_bot is not None:
+            out["messages"] = {
                 "client_to_bot": self.messages_client_to_bot,
                 "bot_to_client": self.messages_bot_to_client,
-            },
-            "bytes": {
+            }
+        if self.bytes_client_to_bot is not None:
+            out["bytes"] = {
                 "client_to_bot": self.bytes_client_to_bot,
                 "bot_to_client": self.bytes_bot_to_client,
-            },
-        }
+            }
+        return out
 
 
 class Operations(Protocol):

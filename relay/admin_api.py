@@ -34,6 +34,7 @@ from typing import Any
 
 from .admin import Operations
 from .config import Config
+from .store import StoreUnavailable
 
 __all__ = ["LIVE_PAGE_CSP", "handle_admin", "is_admin_path"]
 
@@ -141,6 +142,18 @@ async def handle_admin(scope: Scope, receive: Receive, send: Send, config: Confi
             ((b"www-authenticate", b"Bearer"),))
         return
     await _drain_request_body(receive)
+    try:
+        await _route(send, method, path, config, operations)
+    except StoreUnavailable:
+        # a fleet's shared store does not answer: nothing was changed or could be listed
+        await _json(send, 503, _envelope(
+            "The session store is unavailable.", "store_unavailable",
+            "The fleet's Redis store does not answer; live sessions go on. Try again "
+            "later."), ((b"retry-after", b"5"),))
+
+
+async def _route(send: Send, method: str, path: str, config: Config,
+                 operations: Operations) -> None:
     if path == "/v1/admin/sessions":
         if method != "GET":
             await _method_not_allowed(send, path, ("GET",))

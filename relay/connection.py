@@ -141,6 +141,7 @@ class ClientConnection(CancellableMember):
                 self.info = opened.info
                 self._leg = opened.leg
                 opened.info.connected_at = trio.current_time()
+                self.rt.registry.connected(self, opened.agent.name)
                 await self.rt.events.fire("on_client_connected", opened.info)
                 self.rt.metrics.session_started(opened.agent.name)
                 timeout = opened.agent.limits.session_timeout

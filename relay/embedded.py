@@ -248,6 +248,7 @@ class EmbeddedConnection(CancellableMember):
         self.info = leg.info
         self._leg = leg
         leg.info.connected_at = trio.current_time()
+        self.rt.registry.connected(self, leg.agent.name)
         await self.rt.events.fire("on_client_connected", leg.info)
         self.rt.metrics.session_started(leg.agent.name)
         timeout = leg.agent.limits.session_timeout

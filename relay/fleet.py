@@ -8,7 +8,10 @@ after its last write)::
 
     P a:{agent}:leases   zset  member "<instance>|<id>" -> lease expiry (Redis time, ms)
     P a:{agent}:order    zset  member -> admission time: the oldest is replaced first
-    P r:<member>         str   a replaced session's tombstone, for lease_ttl + 1 s
+    P a:{agent}:info     hash  member -> the session as the operator API lists it (JSON:
+                               id, agent, organization, client_addr, connected_at, instance)
+    P r:<member>         str   a replaced ("1") or operator-ended ("operator") session's
+                               tombstone, for lease_ttl + 1 s
 
 Admission is one script: drop lapsed leases, then admit; or, when full, refuse (reject)
 or take the oldest sessions' slots (replace) in the same atomic step, so two newcomers on
@@ -28,14 +31,17 @@ count as of the last admission or renewal.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 from coredis.retry import NoRetryPolicy
 
+from .admin import OPERATOR_REASON, default_instance
 from .config import AgentConfig
 from .registry import REPLACE_MARGIN, Member, Registry
 from .store import StoreUnavailable
@@ -54,17 +60,17 @@ _NOW = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function lapse(leases, order)
+local function lapse(leases, order, info)
   local gone = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
-  for _, m in ipairs(gone) do redis.call('ZREM', order, m) end
+  for _, m in ipairs(gone) do redis.call('ZREM', order, m); redis.call('HDEL', info, m) end
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
 end
 """
 
-# KEYS: leases, order. ARGV: member, max_clients, lease ms, when_full, key ttl ms,
+# KEYS: leases, order, info. ARGV: member, max_clients, lease ms, when_full, key ttl ms,
 # tombstone key prefix.
 _ADMIT = _NOW + """
-lapse(KEYS[1], KEYS[2])
+lapse(KEYS[1], KEYS[2], KEYS[3])
 local count = redis.call('ZCARD', KEYS[1])
 local max = tonumber(ARGV[2])
 local victims = {}
@@ -74,6 +80,7 @@ if count >= max then
   for _, m in ipairs(victims) do
     redis.call('ZREM', KEYS[1], m)
     redis.call('ZREM', KEYS[2], m)
+    redis.call('HDEL', KEYS[3], m)
     -- a tombstone: the holder closes it at its next renewal if the request got lost
     redis.call('SET', ARGV[6] .. m, '1', 'PX', ARGV[5])
   end
@@ -82,41 +89,82 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
 local reply = {'ok', redis.call('ZCARD', KEYS[1])}
 for _, m in ipairs(victims) do table.insert(reply, m) end
 return reply
 """
 
-# KEYS: leases, order. ARGV: lease ms, key ttl ms, tombstone prefix, leased members...
-# A leased member still present is renewed; one that is gone was either replaced (its
-# tombstone says so: it is returned, for the holder to close) or lost with a Redis that
-# restarted empty (it is added again: Redis blinking never cuts a live session).
+# KEYS: leases, order, info. ARGV: lease ms, key ttl ms, tombstone prefix, then pairs of
+# leased member and its listing ('' while its upgrade is not accepted yet).
+# A leased member still present is renewed; one that is gone was either replaced or ended
+# by an operator (its tombstone says so: it is returned with the tombstone's value, for
+# the holder to close) or lost with a Redis that restarted empty (it is added again, with
+# its listing: Redis blinking never cuts a live session).
 _RENEW = _NOW + """
-lapse(KEYS[1], KEYS[2])
+lapse(KEYS[1], KEYS[2], KEYS[3])
 local lease = now + tonumber(ARGV[1])
-local replaced = {}
-for i = 4, #ARGV do
+local closed = {}
+for i = 4, #ARGV, 2 do
   local m = ARGV[i]
-  if redis.call('ZSCORE', KEYS[1], m) then
-    redis.call('ZADD', KEYS[1], lease, m)
-  elseif redis.call('EXISTS', ARGV[3] .. m) == 1 then
-    table.insert(replaced, m)
+  local stone = nil
+  if not redis.call('ZSCORE', KEYS[1], m) then stone = redis.call('GET', ARGV[3] .. m) end
+  if stone then
+    table.insert(closed, m)
+    table.insert(closed, stone)
   else
     redis.call('ZADD', KEYS[1], lease, m)
     redis.call('ZADD', KEYS[2], 'NX', now, m)
+    if ARGV[i + 1] ~= '' then redis.call('HSET', KEYS[3], m, ARGV[i + 1]) end
   end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
 local reply = {redis.call('ZCARD', KEYS[1])}
-for _, m in ipairs(replaced) do table.insert(reply, m) end
+for _, m in ipairs(closed) do table.insert(reply, m) end
 return reply
 """
 
-# KEYS: leases, order. ARGV: member.
+# KEYS: leases, order, info. ARGV: member.
 _RELEASE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
+"""
+
+# KEYS: leases, order, info. ARGV: member, its listing (JSON), key ttl ms.
+# Written only while the member holds its lease (a released session is never listed).
+_INFO = _NOW + """
+lapse(KEYS[1], KEYS[2], KEYS[3])
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+return 1
+"""
+
+# KEYS: leases, order, info. Every live leased member with its listing ('' = none yet).
+_LIST = _NOW + """
+lapse(KEYS[1], KEYS[2], KEYS[3])
+local reply = {}
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  table.insert(reply, m)
+  table.insert(reply, redis.call('HGET', KEYS[3], m) or '')
+end
+return reply
+"""
+
+# KEYS: leases, order, info. ARGV: member, tombstone prefix, key ttl ms.
+# An operator ends a session: its slot is freed at once and a tombstone left, so its
+# holder closes it (4002) at its next renewal if the request over its channel is lost.
+_END = _NOW + """
+lapse(KEYS[1], KEYS[2], KEYS[3])
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('SET', ARGV[2] .. ARGV[1], 'operator', 'PX', ARGV[3])
 return 1
 """
 
@@ -125,11 +173,18 @@ class FleetRegistry(Registry):
     """A ``Registry`` whose counts and replacements span every instance on one Redis."""
 
     def __init__(self, store: RedisStore, *, lease_ttl: float,
-                 agents: Iterable[str] = ()) -> None:
+                 agents: Iterable[str] = (),
+                 wall_clock: Callable[[], float] = time.time,
+                 name: str | None = None) -> None:
         super().__init__()
         self._agents = list(agents)  # counted at each renewal, for /start's 429
         self.store = store
         self.instance = uuid.uuid4().hex[:16]
+        # how the operator API names this instance (``host:pid``)
+        self.name = name if name is not None else default_instance()
+        self.wall_clock = wall_clock
+        self._listing: dict[str, str] = {}  # id -> its listing (JSON), once connected
+        self._send_info, self._infos = trio.open_memory_channel[tuple[str, str]](math.inf)
         self.lease_ttl = lease_ttl
         self._ids: dict[int, str] = {}  # id(member) -> its id in Redis
         self._by_id: dict[str, tuple[Member, str]] = {}  # id -> (member, agent)
@@ -147,7 +202,12 @@ class FleetRegistry(Registry):
 
     def _keys(self, agent: str) -> list[str]:
         p = self.store.key_prefix
-        return [f"{p}a:{{{agent}}}:leases", f"{p}a:{{{agent}}}:order"]
+        return [f"{p}a:{{{agent}}}:leases", f"{p}a:{{{agent}}}:order",
+                f"{p}a:{{{agent}}}:info"]
+
+    @property
+    def agents(self) -> list[str]:
+        return list(self._agents)
 
     def _channel(self, instance: str) -> str:
         return f"{self.store.key_prefix}i:{instance}"
@@ -178,12 +238,14 @@ class FleetRegistry(Registry):
         """
         await self.store.wait_running()
         for name, src in (("fleet_admit", _ADMIT), ("fleet_renew", _RENEW),
-                          ("fleet_release", _RELEASE)):
+                          ("fleet_release", _RELEASE), ("fleet_info", _INFO),
+                          ("fleet_list", _LIST), ("fleet_end", _END)):
             self.store.register(name, src)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._renew_loop)
             nursery.start_soon(self._release_loop)
+            nursery.start_soon(self._info_loop)
             if listen:
                 nursery.start_soon(self._listen_loop)
             task_status.started()
@@ -200,22 +262,27 @@ class FleetRegistry(Registry):
         for sid, (_member, agent) in self._by_id.items():
             by_agent.setdefault(agent, []).append(sid)
         for agent, sids in by_agent.items():
+            pairs: list[str | bytes] = []
+            for s in sids:
+                pairs += [self._member(s), self._listing.get(s, "")]
             try:
                 reply = await self.store.script(
                     "fleet_renew", self._keys(agent),
-                    [str(self._lease_ms), str(self._key_ttl_ms), self._tombstones,
-                     *[self._member(s) for s in sids]])
+                    [str(self._lease_ms), str(self._key_ttl_ms), self._tombstones, *pairs])
             except StoreUnavailable:
                 return
             self._leased.update(sids)
             self._fleet_count[agent] = int(reply[0])
-            for raw in reply[1:]:
-                member = raw.decode() if isinstance(raw, bytes) else str(raw)
+            closed = [raw.decode() if isinstance(raw, bytes) else str(raw)
+                      for raw in reply[1:]]
+            for member, stone in zip(closed[0::2], closed[1::2], strict=True):
                 found = self._by_id.get(member.partition("|")[2])
                 if found is not None:
-                    log.info("session %s of agent %s was replaced elsewhere: closing it",
-                             member, agent)
-                    found[0].cancel("replaced")
+                    reason = OPERATOR_REASON if stone == OPERATOR_REASON else "replaced"
+                    log.info("session %s of agent %s was %s elsewhere: closing it",
+                             member, agent, "ended by an operator"
+                             if reason == OPERATOR_REASON else "replaced")
+                    found[0].cancel(reason)
 
     async def _release_loop(self) -> None:
         async for agent, sid in self._releases:
@@ -228,6 +295,67 @@ class FleetRegistry(Registry):
                 self._pending_releases -= 1
                 if not self._pending_releases:
                     self._released.set()
+
+    async def _info_loop(self) -> None:
+        async for agent, sid in self._infos:
+            listing = self._listing.get(sid)
+            if listing is None or sid not in self._leased:
+                continue  # ended already, or no lease yet: the next renewal writes it
+            try:
+                await self.store.script("fleet_info", self._keys(agent),
+                                        [self._member(sid), listing, str(self._key_ttl_ms)])
+            except StoreUnavailable:
+                pass  # the next renewal writes it
+
+    def connected(self, member: Member, agent: str) -> None:
+        sid = self._ids.get(id(member))
+        info = getattr(member, "info", None)
+        if sid is None or info is None or info.connected_at is None:
+            return
+        connected_at = self.wall_clock() - (trio.current_time() - info.connected_at)
+        self._listing[sid] = json.dumps({
+            "id": info.id, "agent": agent, "organization": info.organization,
+            "client_addr": info.client_addr, "connected_at": round(connected_at, 3),
+            "instance": self.name}, separators=(",", ":"))
+        self._send_info.send_nowait((agent, sid))
+
+    async def listed(self) -> list[tuple[str, str, dict[str, object]]]:
+        """Every live session of the fleet that has a listing: (agent, Redis member,
+        listing), from the leases; ``StoreUnavailable`` when Redis does not answer."""
+        found: list[tuple[str, str, dict[str, object]]] = []
+        for agent in self._agents:
+            reply = await self.store.script("fleet_list", self._keys(agent), [])
+            flat = [raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+                    for raw in reply]
+            for member, listing in zip(flat[0::2], flat[1::2], strict=True):
+                if not listing:
+                    continue  # admitted, upgrade not accepted yet
+                try:
+                    record = json.loads(listing)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    found.append((agent, member, record))
+        return found
+
+    async def end_remote(self, agent: str, member: str) -> bool:
+        """Have the holder of ``member`` end it (4002); False when its lease is gone.
+
+        The lease is dropped at once (the slot is free, the listing forgets it) and a
+        tombstone left; the holder is asked over its channel, and closes it at its next
+        renewal if it does not hear (its channel down). A holder that is gone took the
+        session with it."""
+        if not await self.store.script("fleet_end", self._keys(agent),
+                                       [member, self._tombstones, str(self._key_ttl_ms)]):
+            return False
+        instance, _, sid = member.partition("|")
+        listeners = await self.store.call(
+            lambda c: c.publish(self._channel(instance), f"end|{sid}"))
+        if not listeners:
+            log.warning("instance %s holding session %s of agent %s does not listen; it "
+                        "closes the session at its next renewal, if it is alive",
+                        instance, sid, agent)
+        return True
 
     async def flush(self) -> None:
         """Wait (bounded) until every ended session's lease is given back: a graceful
@@ -266,6 +394,10 @@ class FleetRegistry(Registry):
             sid, _, admitter = rest.partition("|")
             assert self._nursery is not None
             self._nursery.start_soon(self._close_for, sid, admitter)
+        elif kind == "end":
+            found = self._by_id.get(rest)
+            if found is not None:
+                found[0].cancel(OPERATOR_REASON)
         elif kind == "closed":
             event = self._confirmations.get(rest)
             if event is not None:
@@ -375,6 +507,7 @@ class FleetRegistry(Registry):
         if sid is None:
             return
         self._by_id.pop(sid, None)
+        self._listing.pop(sid, None)
         if sid in self._leased:
             self._leased.discard(sid)
             self._pending_releases += 1

@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 import trio
 
-from .admin import Operations
+from .admin import LocalOperations, Operations
 from .config import Bind, Config
 from .connection import ClientConnection
 from .control import ControlState, make_control_app
@@ -124,6 +124,8 @@ class _StoreParts:
     registry: Registry | None = None  # fleet-wide admission (Redis), run after the store
     run_registry: Callable[..., Awaitable[None]] | None = None
     flush: Callable[[], Awaitable[None]] | None = None  # give leases back before stopping
+    operations: Operations | None = None  # the fleet's operator API (Redis)
+    run_operations: Callable[..., Awaitable[None]] | None = None
 
 
 RESTART_GRACE = 1.0  # seconds: see _make_store
@@ -134,12 +136,16 @@ def _make_store(config: Config, metrics: Metrics, wall_clock: Callable[[], float
     """The ``[store]`` the config names: the process's own, or the fleet's Redis."""
     if config.store.backend == "redis":
         from .fleet import FleetRegistry
+        from .fleet_admin import FleetOperations
         from .store.redis import RedisStore  # coredis takes ~0.5 s to import: only if used
 
         redis = RedisStore(config.store.url, key_prefix=config.store.key_prefix,
                            on_state=metrics.store_state)
-        fleet = FleetRegistry(redis, lease_ttl=config.store.lease_ttl, agents=config.agents)
-        return _StoreParts(redis, redis.run, lambda: redis.up, fleet, fleet.run, fleet.flush)
+        fleet = FleetRegistry(redis, lease_ttl=config.store.lease_ttl, agents=config.agents,
+                              wall_clock=wall_clock)
+        ops = FleetOperations(fleet, LocalOperations(fleet, wall_clock, fleet.name))
+        return _StoreParts(redis, redis.run, lambda: redis.up, fleet, fleet.run, fleet.flush,
+                           ops, ops.run)
     # Tokens issued in the last second before this store began are still accepted: a
     # restart (SIGTERM, shutdown, a new process importing) takes longer than that, and
     # an embedding app may mint a token just before it builds its Gateway.
@@ -183,6 +189,8 @@ class Gateway:
             client_ssl=prepared.client_ssl,
             bot_ssl=bot_ssl,
         )
+        if self._store.operations is not None:  # fleet-wide on Redis
+            self.rt.operations = self._store.operations
         self.control_app = make_control_app(ControlState(
             config=config, keyring=keys, store=self.rt.store, metrics=metrics,
             now=wall_clock, is_full=self._is_full_rejecting, operations=self.rt.operations,
@@ -233,6 +241,8 @@ class Gateway:
                         await nursery.start(self._store.run)
                     if self._store.run_registry is not None:
                         await nursery.start(self._store.run_registry)
+                    if self._store.run_operations is not None:
+                        await nursery.start(self._store.run_operations)
                     api = await nursery.start(serve_control, self.control_app, self.config)
                     for sock in listeners:
                         nursery.start_soon(self._accept_loop, sock)

@@ -76,6 +76,10 @@ class Registry:
             self._live[agent.name].append(member)
             return True
 
+    def connected(self, member: Member, agent: str) -> None:
+        """The member's upgrade was accepted (its ``info`` is complete). A fleet lists it
+        for the operator API of every instance; this process lists its members itself."""
+
     def release(self, member: Member, agent: str) -> None:
         live = self._live.get(agent)
         if live is not None and member in live:
