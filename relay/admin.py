@@ -6,7 +6,8 @@ this process's registry of live sessions: with the memory store the gateway is o
 process, so "every live session of the gateway" is this process's. A fleet of instances
 on a shared store implements the same four operations over that store (sessions listed
 from every instance's leases, an end request delivered to the instance holding the
-session, the drain set shared) and hands its implementation to the gateway instead.
+session, the drain set shared): ``relay.fleet_admin.FleetOperations``, which the gateway
+uses instead whenever ``[store] backend = "redis"``.
 
 Ending a session cancels it with reason ``"operator"``: client and bot get 4002 "ended
 by operator" (``closing.OPERATOR``), and it is counted and logged with that reason.

@@ -19,6 +19,9 @@ Content-Security-Policy (``default-src 'none'``; script, style and fetches from 
 origin only; no inline script, no framing), and its script writes every value with
 ``textContent``: session fields a client controls never become HTML.
 
+With the Redis store the operations are fleet-wide (``relay.fleet_admin``); when Redis
+does not answer, the ``/v1/admin/`` paths answer 503 ``store_unavailable``.
+
 No CORS headers are ever added here: the admin API is for the page on this origin and
 for tools such as curl, not for other sites' scripts.
 """
