@@ -69,8 +69,10 @@ async def closed_with(ws: WebSocketConnection) -> tuple[int, str | None]:
 
 async def test_list_on_a_shows_b_and_c_and_delete_on_a_ends_the_session_on_c(
         tmp_path: Path, redis_server: RedisServer) -> None:  # noqa: F811
+    # renewals every 100 s: the end request can only reach C over its channel here
     async with bot_server() as bot, fleet(tmp_path, ["a", "b", "c"], redis_server.url,
-                                          fresh_prefix(), bot.url, server=SERVER) as f:
+                                          fresh_prefix(), bot.url, server=SERVER,
+                                          store="lease_ttl = 300\n") as f:
         a, b, c = f["a"], f["b"], f["c"]
         async with open_client(b.ws_url(OPEN)) as on_b, open_client(c.ws_url(OPEN)) as on_c:
             await echo(on_b, "b")

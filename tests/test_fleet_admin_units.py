@@ -47,7 +47,8 @@ class Member(CancellableMember):
 async def instance(nursery: trio.Nursery, url: str, prefix: str, name: str, *,
                    listen: bool = True) -> AsyncIterator[tuple[FleetRegistry, FleetOperations]]:
     store = RedisStore(url, key_prefix=prefix)
-    registry = FleetRegistry(store, lease_ttl=30, agents=[AGENT.name], name=name)
+    # renewals every 100 s: within a test only the channel (or an explicit renew) ends one
+    registry = FleetRegistry(store, lease_ttl=300, agents=[AGENT.name], name=name)
     ops = FleetOperations(registry, LocalOperations(registry, time.time, name))
     await nursery.start(store.run)
     await nursery.start(lambda task_status: registry.run(listen=listen,
