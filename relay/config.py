@@ -1,4 +1,8 @@
-"""[sans-IO] relay's configuration: frozen attrs values, TOML loading, and validation.
+"""[sans-IO] relay's configuration: TOML loading and validation into frozen values.
+
+Three modules: the values and their defaults are `config_schema`, the checks of single
+values and the key-naming table walker are `config_checks`, and this one parses whole
+tables (and re-exports the values, so `from relay.config import Config` is the one import).
 
 This module owns every rule about what a valid configuration is (SPEC §2, §8). Nothing here
 opens a socket or imports trio: ``parse_config`` turns a TOML-like dict into a ``Config`` or
@@ -66,15 +70,11 @@ Choices where the SPEC is silent:
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
-import json
-import math
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
-from typing import Any, NoReturn
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -82,6 +82,8 @@ import attrs
 from relay.errors import ConfigError
 
 __all__ = [
+    "ECHO_BOT",
+    "LIMIT_KEYS",
     "AgentConfig",
     "Bind",
     "Config",
@@ -96,136 +98,32 @@ __all__ = [
     "with_workers",
 ]
 
-#: Agent and organization names: they form the ``{agent}.{org}`` service host (SPEC §8).
-NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-WEBSOCKET_AUTH_MODES = ("none", "token")
-WHEN_FULL_MODES = ("replace", "reject")
-BOT_PROTOCOLS = ("relay", "pipecat-cloud")
-STORE_BACKENDS = ("memory", "redis")
-
-#: The built-in echo bot the embedded default serves.
-ECHO_BOT = "python:relay.echo:echo_bot"
-
-
-# --------------------------------------------------------------------------------------
-# Values
-# --------------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class Limits:
-    """Per-agent tunables; defaults may be set once under ``[server]``."""
-
-    max_message_size: int = 1048576  # bytes of payload per message (fragments summed)
-    bot_connect_timeout: float = 10.0  # seconds to open the bot leg before 504
-    ping_interval: float = 20.0  # seconds between the gateway's own keepalive pings
-    ping_timeout: float = 20.0  # seconds a peer has to answer one before it counts as gone
-    close_timeout: float = 2.0  # seconds: a half-closed peer must not hold a session
-    stall_timeout: float = 10.0  # seconds a peer may accept nothing before 1008
-    session_timeout: float | None = None  # seconds from accept; None = no timeout
-
-
-#: The names of Limits' fields: the keys allowed both under [server] and [agents.X].
-LIMIT_KEYS: tuple[str, ...] = tuple(a.name for a in attrs.fields(Limits))
-
-
-@attrs.frozen
-class Bind:
-    """One listen address. ``host`` holds an IPv6 address without brackets."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
-
-
-def _bind_tuple(value: Iterable[Bind]) -> tuple[Bind, ...]:
-    return tuple(value)
-
-
-def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    return tuple(value)
-
-
-DEFAULT_WS_BIND = Bind("127.0.0.1", 8700)
-DEFAULT_API_BIND = Bind("127.0.0.1", 8701)
-DEFAULT_LIMITS = Limits()
-
-
-@attrs.frozen
-class AgentConfig:
-    """One ``[agents.NAME]`` table, with the server-wide limit defaults already applied."""
-
-    name: str
-    bot: str  # "ws://host:port/path", "wss://...", or "python:package.module:function"
-    websocket_auth: str = "none"  # "none" | "token"
-    max_clients: int = 1
-    when_full: str = "replace"  # "replace" | "reject"
-    bot_protocol: str = "pipecat-cloud"  # "pipecat-cloud" | "relay" (opt-in)
-    limits: Limits = DEFAULT_LIMITS
-
-
-@attrs.frozen
-class ServerConfig:
-    """The ``[server]`` table."""
-
-    ws_bind: tuple[Bind, ...] = attrs.field(default=(DEFAULT_WS_BIND,), converter=_bind_tuple)
-    api_bind: tuple[Bind, ...] = attrs.field(default=(DEFAULT_API_BIND,), converter=_bind_tuple)
-    certfile: str = ""
-    keyfile: str = ""
-    public_url: str = "ws://127.0.0.1:8700"  # stored without trailing slash
-    organization: str = "local"
-    public_keys: tuple[str, ...] = attrs.field(default=("pk_dev_123",), converter=_str_tuple)
-    secret_env: str = "RELAY_SECRET"
-    cors_origins: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
-    handshake_timeout: float = 10.0  # seconds for a client's whole upgrade request
-    max_connections: int = 10000  # open client connections before new ones get 503
-    start_body_timeout: float = 10.0  # seconds for a /start request's whole body (then 408)
-    workers: int = 1  # processes sharing both binds (SO_REUSEPORT); > 1 needs redis
-    max_start_body_reads: int = 64  # /start bodies read at once; one more gets 503
-    admin_keys: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)  # operator API
-    start_rate: float = 20.0  # /start requests per second per public key (then 429)
-    start_burst: int = 50  # /start requests one key may make at once
-    max_connections_per_ip: int = 1000  # open client connections from one IP (then 503)
-    max_handshakes: int = 1000  # upgrade requests being read at once (then 503)
-    max_handshakes_per_ip: int = 256  # the same, from one IP
-    defaults: Limits = DEFAULT_LIMITS  # per-agent limits set under [server]
-
-
-@attrs.frozen
-class StoreConfig:
-    """The ``[store]`` table: where tokens, held bodies and live sessions are kept."""
-
-    backend: str = "memory"  # "memory" | "redis"
-    url: str = "redis://127.0.0.1:6379/0"  # used when backend = "redis"
-    key_prefix: str = "relay:"  # every Redis key the gateway writes starts with it
-    lease_ttl: float = 15.0  # seconds a vanished instance's sessions still count
-
-
-def _agents_dict(value: Mapping[str, AgentConfig]) -> dict[str, AgentConfig]:
-    return dict(value)
-
-
-@attrs.frozen
-class Config:
-    """A whole, validated configuration."""
-
-    server: ServerConfig = attrs.field(factory=ServerConfig)
-    store: StoreConfig = attrs.field(factory=StoreConfig)
-    agents: Mapping[str, AgentConfig] = attrs.field(factory=dict, converter=_agents_dict)
-    source: str = "<embedded default>"  # the file the config came from
-
-    @property
-    def tls(self) -> bool:
-        """Both planes use TLS when certfile and keyfile are set."""
-        return bool(self.server.certfile and self.server.keyfile)
-
+from relay.config_checks import (
+    _bot_problem,
+    _origin_problem,
+    _show,
+    _Table,
+    _url_problem,
+    parse_bind,
+)
+from relay.config_schema import (
+    BOT_PROTOCOLS,
+    DEFAULT_API_BIND,
+    DEFAULT_LIMITS,
+    DEFAULT_WS_BIND,
+    ECHO_BOT,
+    LIMIT_KEYS,
+    NAME_RE,
+    STORE_BACKENDS,
+    WEBSOCKET_AUTH_MODES,
+    WHEN_FULL_MODES,
+    AgentConfig,
+    Bind,
+    Config,
+    Limits,
+    ServerConfig,
+    StoreConfig,
+)
 
 # --------------------------------------------------------------------------------------
 # Entry points
@@ -280,38 +178,6 @@ def build_config(
     if agents is not None:
         data["agents"] = agents
     return parse_config(data, source=source)
-
-
-def parse_bind(text: str) -> Bind:
-    """Parse ``"host:port"`` or ``"[ipv6]:port"`` (port 0..65535; 0 picks a free port)."""
-    if not isinstance(text, str):
-        raise ConfigError(f'must be a string like "127.0.0.1:8700", got {_show(text)}')
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        if not sep:
-            raise ConfigError(f'{_show(text)} is not "[ipv6]:port"')
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(f"{_show(text)}: {_show(host)} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ConfigError(f'{_show(text)} has no port: write "host:port"')
-        if ":" in host:
-            raise ConfigError(f'{_show(text)}: write an IPv6 address in brackets, "[::1]:8700"')
-        if not host:
-            raise ConfigError(
-                f'{_show(text)} has no host: use "0.0.0.0:port" or "[::]:port" for all interfaces'
-            )
-        if not _HOSTNAME_RE.fullmatch(host):
-            raise ConfigError(f"{_show(text)}: {_show(host)} is not a host name or IPv4 address")
-    if not re.fullmatch(r"[0-9]{1,5}", port_text) or int(port_text) > 65535:
-        raise ConfigError(f"{_show(text)}: port must be a number from 0 to 65535")
-    return Bind(host, int(port_text))
-
-
-_HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
 
 
 def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config:
@@ -556,209 +422,3 @@ def _limit_overrides(t: _Table) -> dict[str, Any]:
         else:
             out[key] = t.seconds(key, 0.0)
     return out
-
-
-# --------------------------------------------------------------------------------------
-# Value checks
-# --------------------------------------------------------------------------------------
-
-
-def _bot_problem(bot: str) -> str | None:
-    if bot.startswith("python:"):
-        module, sep, function = bot[len("python:") :].rpartition(":")
-        parts = module.split(".")
-        if not sep or not all(p.isidentifier() for p in parts) or not function.isidentifier():
-            return f"{_show(bot)} is not python:package.module:function"
-        return None
-    if bot.startswith(("ws://", "wss://")):
-        return _url_problem(bot, ("ws", "wss"), allow_query=True)
-    return f"must be a ws:// or wss:// URL or python:package.module:function, got {_show(bot)}"
-
-
-def _url_problem(url: str, schemes: tuple[str, ...], *, allow_query: bool) -> str | None:
-    wanted = " or ".join(f"{s}://" for s in schemes)
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
-        return f"{_show(url)} is not a valid URL: {exc}"
-    if parts.scheme not in schemes or not url.startswith(f"{parts.scheme}://"):
-        return f"must start with {wanted}, got {_show(url)}"
-    if not parts.hostname:
-        return f"{_show(url)} has no host"
-    if "@" in parts.netloc:
-        redacted = url.replace(parts.netloc, "***@" + parts.netloc.rpartition("@")[2], 1)
-        return (f"{_show(redacted)} must not carry credentials (user:password@host): relay "
-                "does not send them; keep the bot reachable only from the gateway's network")
-    if parts.fragment or (parts.query and not allow_query):
-        return f"{_show(url)} must not have a query or fragment"
-    return None
-
-
-def _origin_problem(origin: str) -> str | None:
-    if origin == "*":
-        return None
-    problem = _url_problem(origin, ("http", "https"), allow_query=False)
-    if problem:
-        return f'must be "*" or an origin like "https://app.example.com": {problem}'
-    parts = urlsplit(origin)
-    if parts.path or parts.username or parts.password:
-        bare = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return f"{_show(origin)} is not an origin (scheme://host[:port] only): use {_show(bare)}"
-    return None
-
-
-def _type_name(value: object) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list | tuple):
-        return "array"
-    if isinstance(value, Mapping):
-        return "table"
-    return type(value).__name__
-
-
-def _show(value: object) -> str:
-    """A value as the user wrote it in TOML, shortened."""
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
-    elif isinstance(value, Mapping):
-        text = "a table"
-    else:
-        text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _got(value: object) -> str:
-    return f"got {_show(value)} ({_type_name(value)})"
-
-
-def _quote(name: str) -> str:
-    """A key as it would be written in a dotted TOML key."""
-    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name, ensure_ascii=False)
-
-
-_ABSENT: Any = object()
-
-
-class _Table:
-    """One TOML table being read: typed getters that raise with the dotted key path."""
-
-    def __init__(self, data: Any, path: str, file: str) -> None:
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"must be a table, {_got(data)}", key=path, file=file)
-        self.data: Mapping[str, Any] = data
-        self.path = path
-        self.file = file
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{_quote(name)}" if self.path else _quote(name)
-
-    def fail(self, name: str, problem: str) -> NoReturn:
-        raise ConfigError(problem, key=self.key(name), file=self.file)
-
-    def fail_at(self, key: str, problem: str) -> NoReturn:
-        raise ConfigError(problem, key=key, file=self.file)
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def reject_unknown(self, allowed: Iterable[str]) -> None:
-        allowed = list(allowed)
-        for name in self.data:
-            if name not in allowed:
-                close = difflib.get_close_matches(name, allowed, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                self.fail(name, f"unknown key{hint}")
-
-    def table(self, name: str) -> _Table:
-        return _Table(self.data.get(name, {}), self.key(name), self.file)
-
-    def _get(self, name: str, default: Any) -> Any:
-        return self.data.get(name, default)
-
-    def string(self, name: str, default: str) -> str:
-        value = self._get(name, default)
-        if not isinstance(value, str):
-            self.fail(name, f"must be a string, {_got(value)}")
-        return value
-
-    def name(self, name: str, default: str) -> str:
-        value = self.string(name, default)
-        if not NAME_RE.fullmatch(value):
-            self.fail(name, f"must be 1 to 64 characters from A-Z a-z 0-9 _ -, got {_show(value)}")
-        return value
-
-    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.string(name, default)
-        if value not in choices:
-            options = ", ".join(json.dumps(c) for c in choices)
-            self.fail(name, f"must be one of {options}, got {_show(value)}")
-        return value
-
-    def positive_int(self, name: str, default: int) -> int:
-        value = self._get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(name, f"must be a positive integer, {_got(value)}")
-        if value <= 0:
-            self.fail(name, f"must be a positive integer, got {value}")
-        return value
-
-    def _number(self, name: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self.fail(name, f"must be a number of seconds, {_got(value)}")
-        return float(value)
-
-    def rate(self, name: str, default: float) -> float:
-        value = self._get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self.fail(name, f"must be a number per second, {_got(value)}")
-        if not math.isfinite(value) or value <= 0:
-            self.fail(name, f"must be a positive, finite number per second, got {value!r}")
-        return float(value)
-
-    def seconds(self, name: str, default: float) -> float:
-        value = self._number(name, self._get(name, default))
-        if not math.isfinite(value) or value <= 0:
-            self.fail(name, f"must be a positive, finite number of seconds, got {value!r}")
-        return value
-
-    def seconds_or_none(self, name: str) -> float | None:
-        """Like ``seconds``, but ``inf`` means "no limit" (TOML has no null)."""
-        value = self._number(name, self._get(name, _ABSENT))
-        if value == math.inf:
-            return None
-        if math.isnan(value) or value <= 0:
-            self.fail(name, f"must be a positive number of seconds (inf = none), got {value!r}")
-        return value
-
-    def strings(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self._get(name, default)
-        if not isinstance(value, list | tuple):
-            self.fail(name, f"must be an array of strings, {_got(value)}")
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                self.fail_at(f"{self.key(name)}[{i}]", f"must be a string, {_got(item)}")
-        return tuple(value)
-
-    def binds(self, name: str, default: tuple[Bind, ...]) -> tuple[Bind, ...]:
-        if not self.has(name):
-            return default
-        texts = self.strings(name, ())
-        if not texts:
-            self.fail(name, 'must list at least one "host:port" address')
-        binds: list[Bind] = []
-        for i, text in enumerate(texts):
-            try:
-                binds.append(parse_bind(text))
-            except ConfigError as exc:
-                self.fail_at(f"{self.key(name)}[{i}]", exc.problem)
-        return tuple(binds)
