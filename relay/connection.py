@@ -96,7 +96,10 @@ class ClientConnection(CancellableMember):
         self.rt = rt
         self.conn = conn
         self.info: SessionInfo | None = None
-        self._h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        # The HTTP/1.1 state: needed until the 101 or the refusal is written, then dropped
+        # (an idle session should not keep h11's buffers and state for hours).
+        self._h: h11.Connection | None = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         self._responded = False
         self._agent: str | None = None
         self._leg: Leg | None = None
@@ -207,10 +210,12 @@ class ClientConnection(CancellableMember):
         """The client's request head and any bytes after it; None when it left."""
         buf = bytearray(4096)
         request: h11.Request | None = None
+        h = self._h
+        assert h is not None  # only dropped once a response has been written
         with trio.move_on_after(self.rt.config.server.handshake_timeout):
             while True:
                 try:
-                    event = self._h.next_event()
+                    event = h.next_event()
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
                     return Reject(status,
@@ -218,7 +223,7 @@ class ClientConnection(CancellableMember):
                                   f"The upgrade request is not valid HTTP/1.1: {exc}")
                 if event is h11.NEED_DATA:
                     n = await self.conn.receive_into(buf)
-                    self._h.receive_data(bytes(buf[:n]))
+                    h.receive_data(bytes(buf[:n]))
                 elif isinstance(event, h11.Request):
                     # h11 bounds only an *incomplete* head; a whole head that arrived in
                     # one read is measured here, so the limit holds however it was sent.
@@ -234,9 +239,9 @@ class ClientConnection(CancellableMember):
                                   "A WebSocket upgrade carries no request body.")
                 elif event is h11.PAUSED or isinstance(event, h11.EndOfMessage):
                     if request is not None and (
-                        event is h11.PAUSED or self._h.their_state is h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
+                        event is h11.PAUSED or h.their_state is h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
                     ):
-                        return request, bytes(self._h.trailing_data[0])
+                        return request, bytes(h.trailing_data[0])
                     if request is not None:
                         return request, b""
                 elif isinstance(event, h11.ConnectionClosed):
@@ -250,6 +255,8 @@ class ClientConnection(CancellableMember):
         if self._responded:
             return
         self._responded = True
+        h, self._h = self._h, None
+        assert h is not None
         body = reject.body()
         # One Connection header: we close after a refusal, and a 426 also names the
         # Upgrade header it sends (RFC 9110 §7.8), so "Connection: Upgrade, close".
@@ -261,10 +268,10 @@ class ClientConnection(CancellableMember):
             *((k, v) for k, v in reject.headers if k.lower() != b"connection"),
         ]
         try:
-            data = self._h.send(h11.Response(status_code=reject.status, headers=headers,
-                                             reason=reason_phrase(reject.status).encode()))
-            data = (data or b"") + (self._h.send(h11.Data(data=body)) or b"")
-            data += self._h.send(h11.EndOfMessage()) or b""
+            data = h.send(h11.Response(status_code=reject.status, headers=headers,
+                                       reason=reason_phrase(reject.status).encode()))
+            data = (data or b"") + (h.send(h11.Data(data=body)) or b"")
+            data += h.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError:
             # h11 is in an error state (malformed request): write the response by hand.
             data = (f"HTTP/1.1 {reject.status} {reason_phrase(reject.status)}\r\n"
@@ -286,7 +293,9 @@ class ClientConnection(CancellableMember):
     async def _accept(self, subprotocol: bytes | None, extensions: tuple[bytes, ...],
                       key: bytes) -> bool:
         self._responded = True
-        data = self._h.send(h11.InformationalResponse(
+        h, self._h = self._h, None
+        assert h is not None
+        data = h.send(h11.InformationalResponse(
             status_code=101, headers=accept_headers(key, subprotocol, extensions),
             reason=b"Switching Protocols"))
         try:

@@ -33,7 +33,7 @@ from .frames import (
     encode_frame,
     parse_close,
 )
-from .pump import CHUNK, End, Ending, Liveness, Outbound, pump
+from .pump import End, Ending, Liveness, Outbound, pump, read_buffer
 from .wire import Conn, ConnectionLost, Stalled
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class Passthrough:
 
     async def _await_close(self, side: Side) -> None:
         """Read and drop what the peer still sends, until its close frame or EOF."""
-        buf = bytearray(CHUNK)
+        buf = read_buffer()  # shared: each chunk is scanned before the next read
         view = memoryview(buf)
         pending, side.initial = side.initial, b""
         scanner = side.scanner

@@ -11,6 +11,12 @@ the other peer's frames, and the gateway's own frames (keepalive pings, closes).
 gateway inserts a frame only at a frame boundary: never while the pump has written part of
 a frame, and never while another write is waiting for the peer.
 
+Memory: the relay directions of a process (of a trio run) share one read buffer
+(`read_buffer()`): a pump writes what it read before it reads again, and a write that
+would wait copies its unsent remainder first (wire.py), so a session holds no buffer of
+its own unless a peer is slow. Pieces of a chunk that need more than one write are copied
+before the first one (the slow path: control frames mixed in, a gateway frame waiting).
+
 Backpressure: each direction holds at most one read chunk (`CHUNK` bytes). While the
 destination does not accept bytes, the pump does not read from the source, so TCP flow
 control slows the writer. A destination that accepts nothing for `stall_timeout` seconds
@@ -29,6 +35,20 @@ from .frames import OP_CLOSE, OP_PONG, ControlFrame, FrameScanner, Piece, Violat
 from .wire import Conn, ConnectionLost, Stalled
 
 CHUNK = 16384  # bytes per read: bounds memory per direction; 20 ms of 8 kHz audio is 320 B
+
+_READ_BUFFER: trio.lowlevel.RunVar[bytearray] = trio.lowlevel.RunVar("relay_read_buffer")
+
+
+def read_buffer() -> bytearray:
+    """The read buffer shared by every relay direction of this trio run (one per thread).
+
+    Valid only until the caller's next checkpoint: use what was read before awaiting."""
+    try:
+        return _READ_BUFFER.get()
+    except LookupError:
+        buf = bytearray(CHUNK)
+        _READ_BUFFER.set(buf)
+        return buf
 
 
 class Outbound:
@@ -137,7 +157,7 @@ async def pump(
     initial: bytes = b"",
 ) -> End:
     """Relay src → dst until the source closes, vanishes or misbehaves, or dst fails."""
-    buf = bytearray(CHUNK)
+    buf = read_buffer()
     view = memoryview(buf)
     pending = initial
     pieces: list[Piece] = []
@@ -164,6 +184,9 @@ async def pump(
                 if dst._free is not None:
                     dst.notify()
                 continue
+            # More than one write, any of which may wait: own the bytes first (the shared
+            # read buffer is reused while this task waits).
+            pieces = [bytes(p) if type(p) is memoryview else p for p in pieces]
             for index, piece in enumerate(pieces):  # noqa: B007 - index read on Stalled
                 if type(piece) is memoryview or type(piece) is bytes:
                     await dst.forward(piece)

@@ -132,7 +132,9 @@ class SocketConn:
             raise ConnectionLost(str(exc)) from exc
         if sent == len(data):
             return
-        await self._send_rest(memoryview(data)[sent:], stall_timeout)
+        # Copy what is left before waiting: `data` may view the read buffer that every
+        # relay direction shares (pump.read_buffer), which is reused while we wait.
+        await self._send_rest(memoryview(bytes(memoryview(data)[sent:])), stall_timeout)
 
     async def _send_rest(self, view: memoryview, stall_timeout: float) -> None:
         # The slow path: the kernel buffer is full, so the peer is slower than its writer.
@@ -199,6 +201,8 @@ class StreamConn:
         return n
 
     async def send_all(self, data: bytes | memoryview, stall_timeout: float = math.inf) -> None:
+        if type(data) is memoryview:
+            data = bytes(data)  # it may view the shared read buffer, reused while we wait
         self._blocked = True
         try:
             with trio.move_on_after(stall_timeout) as scope:

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""RSS per idle session and session set-ups per second, for a running target.
+
+Reads the target's resident memory (VmRSS, children included) with no session open,
+opens N WebSocket sessions (real HTTP/1.1 upgrades, at most --inflight handshakes at a
+time, each answered 101 before the next starts on that slot), waits until the RSS
+settles, reads it again and prints one JSON line:
+
+  {"label": ..., "sessions": N, "rss0_kib": ..., "rss1_kib": ...,
+   "kib_per_session": (rss1 - rss0) / N, "setups_per_s": N / time to open all}
+
+Then it closes every session (close 1000) and exits. Loopback only.
+
+Usage: idle.py --url ws://127.0.0.1:PORT/path --pid PID[,PID] [--sessions 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import select
+import socket
+import struct
+import sys
+import time
+from urllib.parse import urlsplit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from loadgen import expand_children, read_rss_kib  # noqa: E402
+
+
+def settle(pids: list[int], limit: float = 5.0) -> int:
+    """RSS once two reads 0.3 s apart agree within 64 KiB (or after `limit` seconds)."""
+    last = read_rss_kib(expand_children(pids))
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        time.sleep(0.3)
+        now = read_rss_kib(expand_children(pids))
+        if abs(now - last) <= 64:
+            return now
+        last = now
+    return last
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--pid", required=True, help="target PID(s), comma-separated")
+    ap.add_argument("--sessions", type=int, default=1000)
+    ap.add_argument("--inflight", type=int, default=32, help="concurrent handshakes")
+    ap.add_argument("--timeout", type=float, default=60.0, help="for all set-ups, s")
+    ap.add_argument("--label", default="")
+    args = ap.parse_args()
+    u = urlsplit(args.url)
+    if u.scheme != "ws" or u.hostname not in ("127.0.0.1", "localhost"):
+        ap.error("only ws:// loopback URLs")
+    addr = (u.hostname, u.port or 80)
+    path = (u.path or "/") + (("?" + u.query) if u.query else "")
+    pids = [int(p) for p in args.pid.split(",") if p.strip()]
+
+    rss0 = settle(pids)
+    key = base64.b64encode(os.urandom(16))
+    request = (b"GET " + path.encode() + b" HTTP/1.1\r\nHost: " + f"{addr[0]}:{addr[1]}".encode()
+               + b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: " + key
+               + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    ep = select.epoll()
+    open_socks: list[socket.socket] = []
+    waiting: dict[int, tuple[socket.socket, bytearray]] = {}
+    started = failed = 0
+    t0 = time.monotonic()
+    deadline = t0 + args.timeout
+    while (len(open_socks) + failed < args.sessions) and time.monotonic() < deadline:
+        while started < args.sessions and len(waiting) < args.inflight:
+            s = socket.create_connection(addr)
+            s.sendall(request)
+            s.setblocking(False)
+            ep.register(s.fileno(), select.EPOLLIN)
+            waiting[s.fileno()] = (s, bytearray())
+            started += 1
+        for fd, _ in ep.poll(0.5):
+            s, head = waiting[fd]
+            try:
+                chunk = s.recv(4096)
+            except BlockingIOError:
+                continue
+            head += chunk
+            if b"\r\n\r\n" in head or not chunk:
+                ep.unregister(fd)
+                del waiting[fd]
+                if head.startswith(b"HTTP/1.1 101"):
+                    open_socks.append(s)
+                else:
+                    failed += 1
+                    s.close()
+    elapsed = time.monotonic() - t0
+    rss1 = settle(pids)
+    n = len(open_socks)
+    print(json.dumps({
+        "label": args.label, "sessions": n, "failed": failed + len(waiting),
+        "rss0_kib": rss0, "rss1_kib": rss1,
+        "kib_per_session": round((rss1 - rss0) / n, 1) if n else None,
+        "setups_per_s": round(n / elapsed, 1) if elapsed > 0 else None,
+    }), flush=True)
+    close = struct.pack("!BB", 0x88, 0x82) + b"\0\0\0\0" + struct.pack("!H", 1000)
+    for s in open_socks:
+        try:
+            s.send(close)
+        except OSError:
+            pass
+    time.sleep(0.5)
+    for s in open_socks:
+        s.close()
+    return 0 if n == args.sessions else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
