@@ -28,7 +28,7 @@ import time
 from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from loadgen import expand_children, read_rss_kib  # noqa: E402
+from loadgen import expand_children, read_rss_kib
 
 
 def settle(pids: list[int], limit: float = 5.0) -> int:

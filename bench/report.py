@@ -3,7 +3,8 @@
 
 Each line is one loadgen result plus "target" (direct | relay | nginx), "search"
 (whether the point belongs to the max-sessions search) and "harness_cores"
-(which CPU the load generator and the echo bot ran on).
+(which CPU the load generator and the echo bot ran on); or, with "kind": "idle", one
+`bench/idle.py` result (RSS per idle session, set-ups per second) for a target.
 """
 
 from __future__ import annotations
@@ -87,8 +88,33 @@ def est_max(r: dict[str, Any]) -> str:
     return str(int(r["sessions"] * 100 / c * per_session / r["rate_per_session"]))
 
 
+def print_idle(idle: list[dict[str, Any]]) -> None:
+    """RSS per idle session and set-ups per second, each with its ratio to nginx's."""
+    nginx = next((r for r in idle if r["target"] == "nginx"), None)
+
+    def ratio(a: float | None, key: str) -> str:
+        b = nginx.get(key) if nginx else None
+        return f"{a / b:.2f}" if a and b else "-"
+
+    print(f"{'target':7s} {'idle sessions':>13s} {'KiB/session':>11s} {'x nginx':>7s} "
+          f"{'set-ups/s':>9s} {'x nginx':>7s} {'failed':>6s}")
+    for r in idle:
+        kib, ups = r.get("kib_per_session"), r.get("setups_per_s")
+        print(f"{r['target']:7s} {r['sessions']:13d} {fmt(kib, '.1f'):>11s} "
+              f"{ratio(kib, 'kib_per_session'):>7s} {fmt(ups, '.0f'):>9s} "
+              f"{ratio(ups, 'setups_per_s'):>7s} {r.get('failed', 0):6d}")
+    print("KiB/session: (target RSS with N idle sessions open - RSS with none) / N, fresh")
+    print("process. set-ups/s: N upgrades (<= 32 in flight) / time until all were answered;")
+    print("a CPU-bound figure: compare it with nginx's in the same run, on quiet cores only.")
+
+
 def main() -> int:
     rows = load(sys.argv[1])
+    idle = [r for r in rows if r.get("kind") == "idle"]
+    rows = [r for r in rows if r.get("kind") != "idle"]
+    if idle:
+        print_idle(idle)
+        print()
     if not rows:
         print("no results")
         return 1

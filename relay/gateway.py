@@ -32,6 +32,7 @@ from .connection import ClientConnection
 from .control import ControlState, make_control_app
 from .control_server import serve_control
 from .errors import BindError, ConfigError
+from .keepalive import keepalive_timer
 from .metrics import Metrics
 from .preflight import prepare
 from .registry import Registry
@@ -244,6 +245,7 @@ class Gateway:
                     if self._store.run_operations is not None:
                         await nursery.start(self._store.run_operations)
                     api = await nursery.start(serve_control, self.control_app, self.config)
+                    keepalive_timer()  # the process's one keepalive timer, up before sessions
                     for sock in listeners:
                         nursery.start_soon(self._accept_loop, sock)
                     nursery.start_soon(self._purge_loop)

@@ -1,10 +1,12 @@
 """The relay phase for an upstream bot: two pumps, keepalive, and a bounded teardown.
 
-One nursery per session holds the client→bot pump, the bot→client pump and (when
-`ping_interval` is set) one keepalive task per peer. The first event that ends the session
-records its `Outcome` and cancels the nursery, with one exception: a peer's own close frame
-is relayed and the other direction keeps running for at most `close_timeout`, so the other
-peer's answering close travels back through the same pump.
+One nursery per session holds the client→bot pump, the bot→client pump and, while a
+keepalive ping is out, its short task. Between pings a session holds no task of its own for
+keepalive: the process's one `KeepaliveTimer` (keepalive.py) starts each ping when due.
+The first event that ends the session records its `Outcome` and cancels the nursery, with
+one exception: a peer's own close frame is relayed and the other direction keeps running
+for at most `close_timeout`, so the other peer's answering close travels back through the
+same pump.
 
 Teardown (`close()`) runs shielded and bounded by `close_timeout`: each side still open
 gets the gateway's close frame when the outcome names one (only at a frame boundary), then
@@ -15,6 +17,7 @@ sent its own close and got no answer from the other end gets the answer from the
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -33,6 +36,7 @@ from .frames import (
     encode_frame,
     parse_close,
 )
+from .keepalive import KeepaliveTimer, Ticket, keepalive_timer
 from .pump import End, Ending, Liveness, Outbound, pump, read_buffer
 from .wire import Conn, ConnectionLost, Stalled
 
@@ -42,7 +46,8 @@ log = logging.getLogger(__name__)
 class Side:
     """One peer of the relay: its connection, our writer to it, our reader of it."""
 
-    __slots__ = ("close_from", "conn", "gone", "initial", "liveness", "name", "out", "scanner")
+    __slots__ = ("close_from", "conn", "gone", "initial", "liveness", "name", "out", "pings",
+                 "scanner", "ticket")
 
     def __init__(self, name: str, conn: Conn, *, is_client: bool, limits: Limits,
                  initial: bytes) -> None:
@@ -56,10 +61,14 @@ class Side:
         self.initial = initial
         self.gone = False  # vanished: no more bytes either way
         self.close_from: ControlFrame | None = None  # the close frame this peer sent
+        self.pings = 0  # keepalive pings sent to this peer
+        self.ticket: Ticket | None = None  # its next keepalive ping, when scheduled
 
 
 class Passthrough:
     """Relays frames between a client and an upstream bot until either leaves."""
+
+    __slots__ = ("_nursery", "_pumps_done", "_timer", "bot", "client", "limits", "outcome")
 
     def __init__(self, client: Conn, bot: Conn, limits: Limits, *,
                  client_initial: bytes = b"", bot_initial: bytes = b"") -> None:
@@ -70,6 +79,7 @@ class Passthrough:
         self.outcome: Outcome | None = None
         self._nursery: trio.Nursery | None = None
         self._pumps_done = 0
+        self._timer: KeepaliveTimer | None = None
 
     def relayed(self) -> tuple[int, int, int, int]:
         """Messages and payload bytes relayed so far: client→bot, then bot→client.
@@ -93,13 +103,21 @@ class Passthrough:
 
     async def run(self) -> None:
         """Relay until the session ends; the caller's cancel scopes end it from outside."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._direction, self.client, self.bot)
-            nursery.start_soon(self._direction, self.bot, self.client)
-            if self.limits.ping_interval and math.isfinite(self.limits.ping_interval):
-                nursery.start_soon(self._keepalive, self.client)
-                nursery.start_soon(self._keepalive, self.bot)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._direction, self.client, self.bot)
+                nursery.start_soon(self._direction, self.bot, self.client)
+                if self.limits.ping_interval and math.isfinite(self.limits.ping_interval):
+                    self._timer = keepalive_timer()
+                    self._schedule_ping(self.client)
+                    self._schedule_ping(self.bot)
+        finally:
+            self._timer = None
+            for side in (self.client, self.bot):
+                if side.ticket is not None:
+                    side.ticket.cancel()
+                    side.ticket = None
 
     async def _direction(self, src: Side, dst: Side) -> None:
         end: End = await pump(src.conn, src.scanner, dst.out, liveness=src.liveness,
@@ -136,22 +154,34 @@ class Passthrough:
             outcome = closing.BOT_STALLED if from_client else closing.CLIENT_STALLED
         self.end(outcome)
 
+    def _schedule_ping(self, side: Side) -> None:
+        """The next keepalive ping to `side`, `ping_interval` from now."""
+        if self._timer is not None:
+            side.ticket = self._timer.schedule(trio.current_time() + self.limits.ping_interval,
+                                               functools.partial(self._ping_due, side))
+
+    def _ping_due(self, side: Side) -> None:
+        """Called by the keepalive timer: ping `side` from a task in this session's nursery."""
+        side.ticket = None
+        if self._nursery is not None and self._timer is not None:
+            self._nursery.start_soon(self._keepalive, side)
+
     async def _keepalive(self, side: Side) -> None:
-        count = 0
-        while True:
-            await trio.sleep(self.limits.ping_interval)
-            count += 1
-            payload = b"relay-keepalive-%d" % count
-            side.liveness.expect(payload)
-            with trio.move_on_after(self.limits.ping_timeout) as scope:
-                await side.out.insert(encode_frame(OP_PING, payload, mask=side.out.mask))
-                await side.liveness.answered.wait()
-            if scope.cancelled_caught:
-                log.info("%s did not answer a keepalive ping within %s s",
-                         side.name, self.limits.ping_timeout)
-                side.gone = True
-                self.end(closing.CLIENT_GONE if side is self.client else closing.BOT_GONE)
-                return
+        """One keepalive ping and its answer; then the next one is scheduled."""
+        side.pings += 1
+        payload = b"relay-keepalive-%d" % side.pings
+        answered = side.liveness.expect(payload)
+        with trio.move_on_after(self.limits.ping_timeout) as scope:
+            await side.out.insert(encode_frame(OP_PING, payload, mask=side.out.mask))
+            await answered.wait()
+        side.liveness.done()
+        if scope.cancelled_caught:
+            log.info("%s did not answer a keepalive ping within %s s",
+                     side.name, self.limits.ping_timeout)
+            side.gone = True
+            self.end(closing.CLIENT_GONE if side is self.client else closing.BOT_GONE)
+            return
+        self._schedule_ping(side)
 
     # -- teardown -------------------------------------------------------------------------
 

@@ -133,17 +133,23 @@ class Liveness:
 
     def __init__(self) -> None:
         self.outstanding: bytes | None = None
-        self.answered = trio.Event()
+        self.answered: trio.Event | None = None  # only while a ping is out (idle: nothing)
 
-    def expect(self, payload: bytes) -> None:
+    def expect(self, payload: bytes) -> trio.Event:
         self.outstanding = payload
         self.answered = trio.Event()
+        return self.answered
+
+    def done(self) -> None:
+        """The ping was answered or given up on: drop the event."""
+        self.answered = None
 
     def pong(self, payload: bytes) -> bool:
         """True when this pong answers our own ping (it is then not passed on)."""
         if self.outstanding is not None and payload == self.outstanding:
             self.outstanding = None
-            self.answered.set()
+            if self.answered is not None:
+                self.answered.set()
             return True
         return False
 
