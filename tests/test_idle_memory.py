@@ -183,3 +183,54 @@ async def test_one_timer_per_trio_run_started_on_first_use(
     timer.schedule(trio.current_time() + 3, fired.set)
     with trio.fail_after(4):
         await fired.wait()
+
+
+async def test_cancelled_entries_are_swept_once_they_are_most_of_the_heap(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Session churn: every ended session leaves cancelled entries; they must not pile up
+    # for a whole ping_interval.
+    timer = KeepaliveTimer()
+    fired: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timer.run)
+        t0 = trio.current_time()
+        tickets = [timer.schedule(t0 + 20 + i / 1000, lambda i=i: fired.append(i))
+                   for i in range(4000)]
+        for t in tickets[:2000]:
+            t.cancel()
+        assert len(timer) == 4000  # half cancelled: not yet swept
+        tickets[2000].cancel()  # now more than half: swept
+        assert len(timer) == 1999
+        await trio.sleep(30)
+        assert fired == list(range(2001, 4000))
+        assert len(timer) == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_session_holds_only_its_two_pump_tasks_between_pings(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from support import bot_server, make_config, open_client, running
+
+    from relay.passthrough import Passthrough
+
+    async with bot_server() as bot, running(make_config(
+            bot.url, server={"ping_interval": 5, "ping_timeout": 5})) as gw:
+        async with open_client(gw.url()) as ws:
+            (member,) = gw.gateway.rt.registry.members()
+            leg = member._leg  # type: ignore[attr-defined]
+            assert isinstance(leg, Passthrough)
+            assert leg._nursery is not None
+            for _ in range(4):  # pings at +5, +10, +15, +20: each answered, none kept
+                await trio.sleep(4)  # between two pings
+                assert len(leg._nursery.child_tasks) == 2
+                await trio.sleep(1)
+                await ws.send_message("still here")
+                assert await ws.get_message() == "still here"
+            assert leg.client.pings >= 3 and leg.bot.pings >= 3
+            assert leg.client.ticket is not None and leg.bot.ticket is not None
+            assert gw.gateway.session_count() == 1
+        with trio.fail_after(5):
+            await member.done.wait()
+        assert leg.client.ticket is None and leg.bot.ticket is None  # cancelled at the end
