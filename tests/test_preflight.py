@@ -148,7 +148,8 @@ def test_app_dir_names_where_python_bots_live(
 def console_script() -> Path:
     script = Path(sys.executable).parent / "relay"
     if not script.exists():
-        pytest.skip("the relay console script is not installed next to this python")
+        pytest.fail("the relay console script is not installed next to this python: "
+                    "scripts/test installs the project into .venv")
     return script
 
 
