@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,8 @@ class Harness:
         self.app = make_control_app(self.state)
 
 
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
 class Response:
     def __init__(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, delivered: int
@@ -116,7 +118,6 @@ async def call(
 ) -> Response:
     pending = list(chunks)
     delivered = 0
-    sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
         nonlocal delivered
@@ -126,6 +127,23 @@ async def call(
         chunk = pending.pop(0)
         delivered += len(chunk)
         return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+
+    response = await drive(app, receive, method=method, path=path, headers=tuple(headers),
+                           query=query)
+    response.delivered = delivered
+    return response
+
+
+async def drive(
+    app: ASGIApp,
+    receive: Receive,
+    *,
+    method: str = "POST",
+    path: str = "/v1/public/tok/start",
+    headers: tuple[tuple[bytes, bytes], ...] = (AUTH,),
+    query: bytes = b"",
+) -> Response:
+    sent: list[dict[str, Any]] = []
 
     async def send(message: Any) -> None:
         await trio.lowlevel.checkpoint()
@@ -145,7 +163,7 @@ async def call(
     }
     await app(scope, receive, send)
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
-    return Response(sent[0]["status"], sent[0]["headers"], sent[1]["body"], delivered)
+    return Response(sent[0]["status"], sent[0]["headers"], sent[1]["body"], 0)
 
 
 def assert_error(response: Response, status: int, code: str) -> None:

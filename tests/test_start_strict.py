@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import http
 from test_control import AUTH, OK_BODY, PK, T0, Harness, Response, make_config
+from test_control import drive as drive_app
 
 import relay.control
 from relay.control import MAX_PIPECAT_BODY, MAX_START_BODY, ASGIApp
@@ -61,36 +62,10 @@ def feeder(chunks: list[bytes], *, then: str = "disconnect") -> Receive:
     return receive
 
 
-async def drive(
-    app: ASGIApp,
-    receive: Receive,
-    *,
-    method: str = "POST",
-    path: str = "/v1/public/tok/start",
-    headers: tuple[tuple[bytes, bytes], ...] = (AUTH, ORIGIN_HEADER),
-    query: bytes = b"",
-) -> Response:
-    sent: list[dict[str, Any]] = []
-
-    async def send(message: Any) -> None:
-        await trio.lowlevel.checkpoint()
-        sent.append(dict(message))
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query,
-        "headers": list(headers),
-        "scheme": "http",
-        "server": ("127.0.0.1", 8701),
-    }
-    await app(scope, receive, send)
-    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
-    return Response(sent[0]["status"], sent[0]["headers"], sent[1]["body"], 0)
+async def drive(app: ASGIApp, receive: Receive, **request: Any) -> Response:
+    """One request through the app; by default a browser's, with its Origin."""
+    request.setdefault("headers", (AUTH, ORIGIN_HEADER))
+    return await drive_app(app, receive, **request)
 
 
 def start_counts(metrics: Metrics) -> dict[str, float]:
