@@ -57,6 +57,7 @@ from .handshake import (
     reason_phrase,
     refuse_early,
 )
+from .http1 import encode_101
 from .inprocess import InprocessLeg
 from .limits import REFUSAL_DETAILS, TOO_MANY_HANDSHAKES, TOO_MANY_HANDSHAKES_FROM_IP
 from .metrics import CONNECTION_REFUSALS
@@ -293,13 +294,10 @@ class ClientConnection(CancellableMember):
     async def _accept(self, subprotocol: bytes | None, extensions: tuple[bytes, ...],
                       key: bytes) -> bool:
         self._responded = True
-        h, self._h = self._h, None
-        assert h is not None
-        data = h.send(h11.InformationalResponse(
-            status_code=101, headers=accept_headers(key, subprotocol, extensions),
-            reason=b"Switching Protocols"))
+        self._h = None  # the request was whole and valid; the 101 is written by hand (http1.py)
+        data = encode_101(accept_headers(key, subprotocol, extensions))
         try:
-            await self.conn.send_all(data or b"", self._stall())
+            await self.conn.send_all(data, self._stall())
         except Exception:
             return False
         return True

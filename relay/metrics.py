@@ -36,7 +36,7 @@ relay's own listener, and sessions served through ``Gateway.handle()``.
 from __future__ import annotations
 
 import os
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -65,6 +65,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._active = Gauge(
             "relay_sessions_active", "Sessions relaying now", ["agent"], registry=r,
             multiprocess_mode="livesum",
@@ -147,39 +148,48 @@ class Metrics:
             self._messages.labels(direction)
             self._bytes.labels(direction)
 
+    def _child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, looked up once: the label sets are bounded (configured
+        agents, fixed reasons) and prometheus_client's labels() locks and builds a tuple."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def session_started(self, agent: str) -> None:
-        self._started.labels(agent).inc()
-        self._active.labels(agent).inc()
+        self._child(self._started, agent).inc()
+        self._child(self._active, agent).inc()
 
     def session_ended(self, agent: str, reason: str) -> None:
-        self._ended.labels(agent, reason).inc()
-        self._active.labels(agent).dec()
+        self._child(self._ended, agent, reason).inc()
+        self._child(self._active, agent).dec()
 
     def relayed(self, direction: str, messages: int, nbytes: int) -> None:
         """Count one batch of relayed messages (called per batch, not per message)."""
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
         if messages:
-            self._messages.labels(direction).inc(messages)
+            self._child(self._messages, direction).inc(messages)
         if nbytes:
-            self._bytes.labels(direction).inc(nbytes)
+            self._child(self._bytes, direction).inc(nbytes)
 
     def token_refused(self, reason: str) -> None:
-        self._refusals.labels(reason).inc()
+        self._child(self._refusals, reason).inc()
 
     def start_request(self, status: int) -> None:
-        self._starts.labels(str(status)).inc()
+        self._child(self._starts, str(status)).inc()
 
     def bot_dial(self, agent: str, seconds: float) -> None:
-        self._dial.labels(agent).observe(seconds)
+        self._child(self._dial, agent).observe(seconds)
 
     def bot_dial_failed(self, agent: str, reason: str) -> None:
         if reason not in DIAL_FAILURE_REASONS:
             raise ValueError(f"reason must be one of {DIAL_FAILURE_REASONS}, not {reason!r}")
-        self._dial_failures.labels(agent, reason).inc()
+        self._child(self._dial_failures, agent, reason).inc()
 
     def store_full(self, bound: str) -> None:
-        self._store_full.labels(bound).inc()
+        self._child(self._store_full, bound).inc()
 
     def start_rate_limited(self) -> None:
         self._rate_limited.inc()
@@ -187,7 +197,7 @@ class Metrics:
     def connection_refused(self, reason: str) -> None:
         if reason not in CONNECTION_REFUSALS:
             raise ValueError(f"reason must be one of {CONNECTION_REFUSALS}, not {reason!r}")
-        self._conn_refused.labels(reason).inc()
+        self._child(self._conn_refused, reason).inc()
 
     def store_state(self, up: bool) -> None:
         self._store_up.set(1 if up else 0)

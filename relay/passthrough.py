@@ -196,17 +196,22 @@ class Passthrough:
     async def close(self, outcome: Outcome) -> None:
         """Send the gateway's closes, await the answers, close both sockets. Bounded."""
         try:
-            with trio.move_on_after(self.limits.close_timeout, shield=True):
-                async with trio.open_nursery() as nursery:
-                    for side in (self.client, self.bot):
-                        nursery.start_soon(self._close_side, side, outcome)
+            busy = [side for side in (self.client, self.bot) if _has_closing_to_do(side)]
+            if busy:  # often neither: both closes already went through the pumps
+                with trio.move_on_after(self.limits.close_timeout, shield=True):
+                    if len(busy) == 1:
+                        await self._close_side(busy[0], outcome)
+                    else:
+                        async with trio.open_nursery() as nursery:
+                            for side in busy:
+                                nursery.start_soon(self._close_side, side, outcome)
         finally:
             with trio.CancelScope(shield=True):
                 await self.client.conn.aclose()
                 await self.bot.conn.aclose()
 
     async def _close_side(self, side: Side, outcome: Outcome) -> None:
-        if side.gone:
+        if not _has_closing_to_do(side):
             return
         if not side.out.closed:
             code = self._gateway_close(side, outcome)
@@ -254,3 +259,8 @@ class Passthrough:
                 if isinstance(piece, ControlFrame) and piece.opcode == OP_CLOSE:
                     side.close_from = piece
                     return
+
+
+def _has_closing_to_do(side: Side) -> bool:
+    """A close frame still to send to this peer, or its answering close still to await."""
+    return not side.gone and (not side.out.closed or side.close_from is None)

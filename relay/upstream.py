@@ -9,17 +9,19 @@ anything but a valid 101; 504 when it does not answer within `bot_connect_timeou
 from __future__ import annotations
 
 import base64
+import errno
+import ipaddress
 import logging
 import os
 import socket
 import ssl
 from urllib.parse import urlsplit, urlunsplit
 
-import h11
 import trio
 
 from .errors import BotDialError
 from .handshake import BotAccepted, BotTarget, Headers, check_bot_response
+from .http1 import MalformedHead, encode_request, head_end, parse_response_head
 from .metrics import Metrics
 from .wire import Conn, SocketConn, StreamConn
 
@@ -80,7 +82,41 @@ async def open_tcp_to_bot(target: BotTarget) -> trio.SocketStream:
                                 f"{exc.strerror or exc}", reason="unreachable") from exc
 
 
+def _ip_family(host: str) -> socket.AddressFamily | None:
+    """The address family of an IP literal; None for a name (resolved by trio)."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
+
+
+async def connect_ip(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
+    """A non-blocking TCP connection to an IP literal, without trio's resolver and its
+    happy-eyeballs nursery (there is one address to try). OSError when it fails."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        err = sock.connect_ex((host, port))
+        if err in (errno.EINPROGRESS, errno.EAGAIN):
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
 async def _connect(target: BotTarget, ssl_context: ssl.SSLContext | None) -> Conn:
+    family = None if target.secure else _ip_family(target.host)
+    if family is not None:  # the fast path: a plaintext bot at an IP address
+        try:
+            return SocketConn(await connect_ip(family, target.host, target.port))
+        except OSError as exc:
+            raise BotDialError(502, f"cannot connect to the bot at {target.host}:"
+                                    f"{target.port}: {exc.strerror or exc}",
+                               reason="unreachable") from exc
     stream = await open_tcp_to_bot(target)
     if target.secure:
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -110,34 +146,33 @@ async def dial_bot(
     """Open the bot leg; raises BotDialError (502/504)."""
     conn: Conn | None = None
     try:
-        with trio.fail_after(connect_timeout):
+        request = encode_request(request_target, headers)
+    except ValueError as exc:
+        raise BotDialError(502, f"cannot send this upgrade to the bot: {exc}") from exc
+    try:
+        with trio.move_on_after(connect_timeout):
             conn = await _connect(target, ssl_context)
-            h = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
-            data = h.send(h11.Request(method="GET", target=request_target, headers=headers))
-            data = (data or b"") + (h.send(h11.EndOfMessage()) or b"")
-            await conn.send_all(data)
+            await conn.send_all(request)
             buf = bytearray(4096)
-            while True:
-                try:
-                    event = h.next_event()
-                except h11.RemoteProtocolError as exc:
-                    raise BotDialError(502, f"the bot's handshake response is malformed: "
-                                            f"{exc}") from exc
-                if event is h11.NEED_DATA:
-                    n = await conn.receive_into(buf)
-                    h.receive_data(bytes(buf[:n]))
-                    continue
-                if isinstance(event, h11.InformationalResponse | h11.Response):
-                    result = check_bot_response(key, event.status_code, list(event.headers))
-                    if isinstance(result, str):
-                        raise BotDialError(502, result)
-                    if event.status_code != 101:
-                        raise BotDialError(502, f"the bot answered HTTP {event.status_code}")
-                    trailing, _closed = h.trailing_data
-                    return conn, result, bytes(trailing)
-                if isinstance(event, h11.ConnectionClosed):
+            got = bytearray()
+            while (end := head_end(got)) < 0:
+                if len(got) > MAX_RESPONSE_HEAD:
+                    raise BotDialError(502, "the bot's handshake response is malformed: "
+                                            f"its head exceeds {MAX_RESPONSE_HEAD} bytes")
+                n = await conn.receive_into(buf)
+                if n == 0:
                     raise BotDialError(502, "the bot closed the connection during the handshake")
-                # EndOfMessage / Data of a non-101 answer cannot reach here: handled above.
+                got += buf[:n]
+            try:
+                status, response_headers = parse_response_head(bytes(got[:end]))
+            except MalformedHead as exc:
+                raise BotDialError(502, f"the bot's handshake response is malformed: "
+                                        f"{exc}") from exc
+            result = check_bot_response(key, status, response_headers)
+            if isinstance(result, str):
+                raise BotDialError(502, result)
+            return conn, result, bytes(got[end:])
+        raise trio.TooSlowError  # only reached when the deadline cancelled the dial
     except trio.TooSlowError as exc:
         if conn is not None:
             await conn.aclose()

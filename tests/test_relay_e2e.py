@@ -42,7 +42,7 @@ from wsproto.events import (
 )
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameProtocol
-from wsproto.utilities import LocalProtocolError
+from wsproto.utilities import LocalProtocolError, generate_accept_token
 
 from relay.inprocess import ClientDisconnected, Session
 from relay.pump import CHUNK
@@ -1596,3 +1596,87 @@ async def test_bot_sending_a_masked_frame_gets_1002_and_client_1001() -> None:
             assert (await client.close_code())[0] == 1001
             await bot.done.wait()
         assert bot.closes[0][0] == 1002
+
+
+# -- the bot's 101, read by hand (relay/http1.py) -----------------------------------------
+
+
+def _bot_101(request: bytes, *, sep: bytes = b"\r\n", extra: bytes = b"") -> bytes:
+    key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:"))
+    lines = [b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket",
+             b"Connection: Upgrade", b"Sec-WebSocket-Accept: " + generate_accept_token(key)]
+    return sep.join(lines) + sep + extra + sep
+
+
+async def _raw_head_bot(answer: Callable[[bytes], list[bytes | None]],
+                        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """A bot that reads our upgrade request and writes `answer(request)`, piece by piece
+    (None: close the connection there), then echoes whatever arrives."""
+    async def serve(stream: trio.SocketStream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            request += chunk
+        for piece in answer(request):
+            if piece is None:
+                await stream.aclose()
+                return
+            await stream.send_all(piece)
+            await trio.lowlevel.checkpoint()
+        while data := await stream.receive_some(65536):  # one short masked frame a read
+            await stream.send_all(bytes([data[0], data[1] & 0x7F]) + _unmask(data[2:]))
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(serve, listeners)
+
+
+def _unmask(rest: bytes) -> bytes:
+    mask, payload = rest[:4], rest[4:]
+    return bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+@pytest.mark.parametrize("answer, why", [
+    (lambda req: [_bot_101(req, extra=b"Upgrade : websocket\r\n")], "malformed"),
+    (lambda req: [_bot_101(req, extra=b" folded\r\n")], "malformed"),
+    (lambda req: [_bot_101(req, extra=b"X-A: a\x00b\r\n")], "malformed"),
+    (lambda req: [b"HTTP/1.1 101 Switching Protocols\r\n" + b"X-Pad: " + b"p" * 20000],
+     "exceeds 16384 bytes"),
+    (lambda req: [_bot_101(req).replace(b"Sec-WebSocket-Accept: ", b"Sec-WebSocket-Accept: x")],
+     "Sec-WebSocket-Accept does not match"),
+    (lambda req: [b"HTTP/1.1 101 Switching", None],
+     "closed the connection during the handshake"),
+])
+async def test_a_bot_101_that_is_not_valid_http_is_502_with_the_reason(
+        answer: Callable[[bytes], list[bytes | None]], why: str) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_raw_head_bot, answer)
+        async with running(make_config(f"ws://127.0.0.1:{port}/bot")) as gw:
+            with trio.fail_after(WAIT):
+                r = await ws_connect(gw.ws_port)
+        nursery.cancel_scope.cancel()
+    assert isinstance(r, Rejected), r
+    _assert_envelope(r, 502)
+    assert why in r.envelope()["detail"]
+
+
+@pytest.mark.parametrize("answer", [
+    lambda req: [_bot_101(req, sep=b"\n")],  # bare LF line ends, as h11 accepts them
+    lambda req: [bytes([b]) for b in _bot_101(req)],  # one byte per write
+    lambda req: [_bot_101(req, extra=b"X-Empty:\r\nX-Spaced:  a  b \r\n")],
+])
+async def test_a_bot_101_in_any_valid_shape_or_split_opens_the_session(
+        answer: Callable[[bytes], list[bytes | None]]) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_raw_head_bot, answer)
+        async with running(make_config(f"ws://127.0.0.1:{port}/bot")) as gw:
+            with trio.fail_after(WAIT):
+                peer = await ws_connect(gw.ws_port)
+                assert isinstance(peer, Peer), peer
+                await peer.send_message(b"hello")
+                assert await peer.message() == b"hello"
+                await peer.stream.aclose()
+        nursery.cancel_scope.cancel()
