@@ -67,7 +67,7 @@ from .registry import CancellableMember
 from .runtime import Runtime, SessionInfo
 from .session_log import SessionRecord, log_session
 from .upstream import dial_bot, new_key
-from .wire import Conn
+from .wire import Conn, close_shielded
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ class ClientConnection(CancellableMember):
             gate.close(self._ip)
             if self._agent is not None:
                 self.rt.registry.release(self, self._agent)
-            with trio.CancelScope(shield=True):
-                await self.conn.aclose()
+            await close_shielded(self.conn)
             self.done.set()
 
     async def _serve(self) -> None:

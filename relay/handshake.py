@@ -260,8 +260,12 @@ def check_route(
     return None
 
 
-def _values(headers: Headers, name: bytes) -> list[bytes]:
-    return [v for k, v in headers if k.lower() == name]
+def _index(headers: Headers) -> dict[bytes, list[bytes]]:
+    """Each header's values by lowercased name, in order (one pass over the headers)."""
+    index: dict[bytes, list[bytes]] = {}
+    for k, v in headers:
+        index.setdefault(k.lower(), []).append(v)
+    return index
 
 
 def _tokens(values: Iterable[bytes]) -> set[bytes]:
@@ -275,17 +279,19 @@ def check_upgrade(method: bytes, http_version: bytes, headers: Headers) -> Upgra
                       ((b"allow", b"GET"),))
     if http_version != b"1.1":
         return Reject(400, "bad_http_version", "A WebSocket upgrade needs HTTP/1.1.")
-    if b"websocket" not in _tokens(_values(headers, b"upgrade")):
+    index = _index(headers)
+    none: list[bytes] = []
+    if b"websocket" not in _tokens(index.get(b"upgrade", none)):
         return Reject(426, "not_websocket", "This endpoint only speaks WebSocket "
                       "(Upgrade: websocket missing).",
                       ((b"upgrade", b"websocket"), (b"connection", b"Upgrade")))
-    if b"upgrade" not in _tokens(_values(headers, b"connection")):
+    if b"upgrade" not in _tokens(index.get(b"connection", none)):
         return Reject(400, "bad_connection_header", "Connection: Upgrade is missing.")
-    versions = _values(headers, b"sec-websocket-version")
+    versions = index.get(b"sec-websocket-version", none)
     if versions != [b"13"]:
         return Reject(426, "bad_websocket_version", "Only Sec-WebSocket-Version 13 is spoken.",
                       ((b"sec-websocket-version", b"13"),))
-    keys = _values(headers, b"sec-websocket-key")
+    keys = index.get(b"sec-websocket-key", none)
     if len(keys) != 1:
         return Reject(400, "bad_websocket_key", "Exactly one Sec-WebSocket-Key is required.")
     key = keys[0].strip()
@@ -294,19 +300,17 @@ def check_upgrade(method: bytes, http_version: bytes, headers: Headers) -> Upgra
             raise ValueError("not 16 bytes")
     except (binascii.Error, ValueError):
         return Reject(400, "bad_websocket_key", "Sec-WebSocket-Key must be 16 bytes in base64.")
-    if _values(headers, b"content-length") not in ([], [b"0"]) or _values(
-        headers, b"transfer-encoding"
-    ):
+    if index.get(b"content-length", none) not in ([], [b"0"]) or b"transfer-encoding" in index:
         return Reject(400, "unexpected_body", "A WebSocket upgrade carries no request body.")
 
     def first(name: bytes) -> bytes | None:
-        vals = _values(headers, name)
+        vals = index.get(name)
         return vals[0] if vals else None
 
     return Upgrade(
         key=key,
-        subprotocols=tuple(_values(headers, b"sec-websocket-protocol")),
-        extensions=tuple(_values(headers, b"sec-websocket-extensions")),
+        subprotocols=tuple(index.get(b"sec-websocket-protocol", none)),
+        extensions=tuple(index.get(b"sec-websocket-extensions", none)),
         origin=first(b"origin"),
         user_agent=first(b"user-agent"),
         authorization=first(b"authorization"),
@@ -506,13 +510,15 @@ def check_bot_response(key: bytes, status: int, headers: Headers) -> BotAccepted
     """The bot's answer to our upgrade: what it chose, or why it is unusable (→ 502)."""
     if status != 101:
         return f"the bot answered HTTP {status} instead of 101"
-    accepts = _values(headers, b"sec-websocket-accept")
+    index = _index(headers)
+    none: list[bytes] = []
+    accepts = index.get(b"sec-websocket-accept", none)
     if accepts != [generate_accept_token(key)]:
         return "the bot's Sec-WebSocket-Accept does not match our key"
-    if b"websocket" not in _tokens(_values(headers, b"upgrade")):
+    if b"websocket" not in _tokens(index.get(b"upgrade", none)):
         return "the bot's 101 lacks Upgrade: websocket"
-    protocols = _values(headers, b"sec-websocket-protocol")
+    protocols = index.get(b"sec-websocket-protocol", none)
     return BotAccepted(
         subprotocol=protocols[0] if protocols else None,
-        extensions=tuple(_values(headers, b"sec-websocket-extensions")),
+        extensions=tuple(index.get(b"sec-websocket-extensions", none)),
     )

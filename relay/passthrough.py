@@ -38,7 +38,7 @@ from .frames import (
 )
 from .keepalive import KeepaliveTimer, Ticket, keepalive_timer
 from .pump import End, Ending, Liveness, Outbound, pump, read_buffer
-from .wire import Conn, ConnectionLost, Stalled
+from .wire import Conn, ConnectionLost, Stalled, close_shielded
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +206,8 @@ class Passthrough:
                             for side in busy:
                                 nursery.start_soon(self._close_side, side, outcome)
         finally:
-            with trio.CancelScope(shield=True):
-                await self.client.conn.aclose()
-                await self.bot.conn.aclose()
+            await close_shielded(self.client.conn)
+            await close_shielded(self.bot.conn)
 
     async def _close_side(self, side: Side, outcome: Outcome) -> None:
         if not _has_closing_to_do(side):

@@ -178,6 +178,16 @@ class SocketConn:
         self.sock.close()
 
 
+async def close_shielded(conn: Conn) -> None:
+    """Close `conn` even inside a cancelled scope. A raw socket closes at once, without
+    the shielded cancel scope (and the checkpoint) that a stream's aclose needs."""
+    if type(conn) is SocketConn:
+        conn.close_now()
+        return
+    with trio.CancelScope(shield=True):
+        await conn.aclose()
+
+
 class StreamConn:
     """Any trio Stream (TLS, memory streams) behind the Conn interface."""
 
