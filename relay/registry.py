@@ -63,7 +63,13 @@ class Registry:
 
     async def admit(self, member: Member, agent: AgentConfig) -> bool:
         """Reserve a slot for member; False when the agent is full and rejects newcomers."""
-        async with self._locks[agent.name]:
+        lock = self._locks[agent.name]
+        if not lock.locked() and self.count(agent.name) < agent.max_clients:
+            # Room, and nobody is replacing: taken at once (no await between the check and
+            # the append), without the lock's scheduling round trip.
+            self._live[agent.name].append(member)
+            return True
+        async with lock:
             while self.count(agent.name) >= agent.max_clients:
                 if agent.when_full == "reject":
                     return False
