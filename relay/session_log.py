@@ -104,17 +104,29 @@ def _text_value(value: object) -> str:
         return "-"
     if isinstance(value, bool | int | float):
         return str(value)
-    text = str(value)
+    return _text(str(value))
+
+
+def _text(text: str) -> str:
     if _PLAIN.fullmatch(text):
         return text
     return json.dumps(text, ensure_ascii=True)  # quoted; \n, \r, ", \ and non-ASCII escaped
 
 
 def render_text(record: SessionRecord) -> str:
-    """The one-line text form: ``session ended key=value ...``."""
-    names = {"client_addr": "client"}
-    parts = [f"{names.get(k, k)}={_text_value(v)}" for k, v in record.fields().items()]
-    return "session ended " + " ".join(parts)
+    """The one-line text form: ``session ended key=value ...`` (the fields() order).
+
+    Written out rather than looped over fields(): it runs once per session set-up and
+    teardown, on the gateway's one core (docs/performance.md)."""
+    r = record
+    return (f"session ended id={_text(r.id)} agent={_text(r.agent)} "
+            f"organization={_text(r.organization)} client={_text(r.client_addr)} "
+            f"duration={round(r.duration, 3)} messages_client_to_bot={r.messages_client_to_bot} "
+            f"bytes_client_to_bot={r.bytes_client_to_bot} "
+            f"messages_bot_to_client={r.messages_bot_to_client} "
+            f"bytes_bot_to_client={r.bytes_bot_to_client} closed_by={r.closed_by} "
+            f"end={_text(r.end_reason)} code={'-' if r.code is None else r.code} "
+            f"reason={_text(r.reason)}")
 
 
 def render_json(record: SessionRecord) -> str:

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from support import bot_server, http, make_config, open_client, running
 from test_admin import ADMIN, sessions
 from test_embedded import embedded
@@ -90,6 +92,27 @@ def test_text_line_has_every_field_once_in_order() -> None:
         "session ended id=s1 agent=a organization=local client=127.0.0.1 duration=1.5 "
         "messages_client_to_bot=1 bytes_client_to_bot=2 messages_bot_to_client=3 "
         "bytes_bot_to_client=4 closed_by=client end=client_closed code=4321 reason=bye")
+
+
+_text_fields = st.text(st.characters(codec="utf-8"), max_size=20)
+
+
+@given(st.builds(SessionRecord, id=_text_fields, agent=_text_fields, organization=_text_fields,
+                 client_addr=_text_fields,
+                 duration=st.floats(min_value=0, max_value=1e7, allow_nan=False),
+                 messages_client_to_bot=st.integers(0, 2**40),
+                 bytes_client_to_bot=st.integers(0, 2**50),
+                 messages_bot_to_client=st.integers(0, 2**40),
+                 bytes_bot_to_client=st.integers(0, 2**50), end_reason=_text_fields,
+                 code=st.none() | st.integers(1000, 4999), reason=_text_fields))
+def test_the_text_line_is_exactly_the_fields_in_order(r: SessionRecord) -> None:
+    """render_text is written out by hand for speed: it must say what fields() says."""
+    parsed = parse_text(render_text(r))
+    expected = {("client" if k == "client_addr" else k): v for k, v in r.fields().items()}
+    assert list(parsed) == list(expected)
+    for name, value in expected.items():
+        assert parsed[name] == ("-" if value is None else
+                                value if isinstance(value, str) else str(value)), name
 
 
 @pytest.mark.parametrize("field", ["reason", "client_addr", "id"])
