@@ -7,7 +7,8 @@ time, each answered 101 before the next starts on that slot), waits until the RS
 settles, reads it again and prints one JSON line:
 
   {"label": ..., "sessions": N, "rss0_kib": ..., "rss1_kib": ...,
-   "kib_per_session": (rss1 - rss0) / N, "setups_per_s": N / time to open all}
+   "kib_per_session": (rss1 - rss0) / N, "setups_per_s": N / time to open all,
+   "cpu_us_per_setup": the target's CPU (utime+stime, 10 ms ticks) while opening / N}
 
 Then it closes every session (close 1000) and exits. Loopback only.
 
@@ -28,7 +29,7 @@ import time
 from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from loadgen import expand_children, read_rss_kib
+from loadgen import expand_children, read_cpu_ticks, read_rss_kib
 
 
 def settle(pids: list[int], limit: float = 5.0) -> int:
@@ -69,6 +70,8 @@ def main() -> int:
     open_socks: list[socket.socket] = []
     waiting: dict[int, tuple[socket.socket, bytearray]] = {}
     started = failed = 0
+    targets = expand_children(pids)
+    ticks0 = read_cpu_ticks(targets)
     t0 = time.monotonic()
     deadline = t0 + args.timeout
     while (len(open_socks) + failed < args.sessions) and time.monotonic() < deadline:
@@ -95,6 +98,7 @@ def main() -> int:
                     failed += 1
                     s.close()
     elapsed = time.monotonic() - t0
+    setup_cpu_s = (read_cpu_ticks(targets) - ticks0) / os.sysconf("SC_CLK_TCK")
     rss1 = settle(pids)
     n = len(open_socks)
     print(json.dumps({
@@ -102,6 +106,7 @@ def main() -> int:
         "rss0_kib": rss0, "rss1_kib": rss1,
         "kib_per_session": round((rss1 - rss0) / n, 1) if n else None,
         "setups_per_s": round(n / elapsed, 1) if elapsed > 0 else None,
+        "cpu_us_per_setup": round(setup_cpu_s / n * 1e6) if n else None,
     }), flush=True)
     close = struct.pack("!BB", 0x88, 0x82) + b"\0\0\0\0" + struct.pack("!H", 1000)
     for s in open_socks:
