@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Print the side-by-side table for `scripts/bench` from its JSON-lines results.
 
-Each line is one loadgen result plus "target" (direct | relay | nginx), "search"
+Each line is one loadgen result plus "target" (direct | relay | floor | nginx), "search"
 (whether the point belongs to the max-sessions search) and "harness_cores"
 (which CPU the load generator and the echo bot ran on); or, with "kind": "idle", one
 `bench/idle.py` result (RSS per idle session, set-ups per second) for a target.
+
+"floor" is bench/trio_floor.py, a minimal Trio relay of the gateway's shape: the table gives
+relay's figures over floor's ("x floor") next to the ones over nginx's.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 HARNESS_BUSY = 90.0  # % of a core: above this the load generator core is the bottleneck
 TARGET_BUSY = 90.0
 FOREIGN_MAX = 10.0  # % of a core used by unrelated processes: above this a point is disturbed
+ORDER = {"direct": 0, "relay": 1, "floor": 2, "nginx": 3}
 
 
 def load(path: str) -> list[dict[str, Any]]:
@@ -89,23 +93,54 @@ def est_max(r: dict[str, Any]) -> str:
 
 
 def print_idle(idle: list[dict[str, Any]]) -> None:
-    """RSS per idle session and set-ups per second, each with its ratio to nginx's."""
-    nginx = next((r for r in idle if r["target"] == "nginx"), None)
+    """RSS per idle session and set-ups per second, each over nginx's and over floor's."""
+    ref = {t: next((r for r in idle if r["target"] == t), None) for t in ("nginx", "floor")}
 
-    def ratio(a: float | None, key: str) -> str:
-        b = nginx.get(key) if nginx else None
+    def ratio(a: float | None, key: str, other: str) -> str:
+        o = ref[other]
+        b = o.get(key) if o else None
         return f"{a / b:.2f}" if a and b else "-"
 
     print(f"{'target':7s} {'idle sessions':>13s} {'KiB/session':>11s} {'x nginx':>7s} "
-          f"{'set-ups/s':>9s} {'x nginx':>7s} {'failed':>6s}")
-    for r in idle:
+          f"{'x floor':>7s} {'set-ups/s':>9s} {'x nginx':>7s} {'x floor':>7s} {'failed':>6s}")
+    for r in sorted(idle, key=lambda r: ORDER.get(r["target"], 9)):
         kib, ups = r.get("kib_per_session"), r.get("setups_per_s")
         print(f"{r['target']:7s} {r['sessions']:13d} {fmt(kib, '.1f'):>11s} "
-              f"{ratio(kib, 'kib_per_session'):>7s} {fmt(ups, '.0f'):>9s} "
-              f"{ratio(ups, 'setups_per_s'):>7s} {r.get('failed', 0):6d}")
+              f"{ratio(kib, 'kib_per_session', 'nginx'):>7s} "
+              f"{ratio(kib, 'kib_per_session', 'floor'):>7s} {fmt(ups, '.0f'):>9s} "
+              f"{ratio(ups, 'setups_per_s', 'nginx'):>7s} "
+              f"{ratio(ups, 'setups_per_s', 'floor'):>7s} {r.get('failed', 0):6d}")
     print("KiB/session: (target RSS with N idle sessions open - RSS with none) / N, fresh")
     print("process. set-ups/s: N upgrades (<= 32 in flight) / time until all were answered;")
     print("a CPU-bound figure: compare it with nginx's in the same run, on quiet cores only.")
+    print("x floor: over bench/trio_floor.py's, the least this design costs (bench/README.md).")
+
+
+def print_over_floor(rows: list[dict[str, Any]], idle: list[dict[str, Any]]) -> None:
+    """relay's figures over floor's (and both over nginx's), all from this run."""
+    def q(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}" if a and b else "-"
+
+    out = []
+    by = {(r["target"], r["sessions"]): r for r in rows}
+    for n in sorted({r["sessions"] for r in rows if r["target"] == "relay"}):
+        relay, floor, nginx = (by.get((t, n)) for t in ("relay", "floor", "nginx"))
+        if relay is None or floor is None:
+            continue
+        a, b = target_cpu(relay).get("us_per_msg"), target_cpu(floor).get("us_per_msg")
+        c = target_cpu(nginx).get("us_per_msg") if nginx else None
+        out.append(f"  {n} sessions: CPU us/msg {fmt(a)} / {fmt(b)} = {q(a, b)} "
+                   f"(x nginx {q(a, c)} / {q(b, c)}); RTT p99 ms "
+                   f"{fmt(relay.get('rtt_p99_ms'))} / {fmt(floor.get('rtt_p99_ms'))}")
+    ups = {r["target"]: r.get("setups_per_s") for r in idle}
+    if ups.get("relay") and ups.get("floor"):
+        a, b, c = ups["relay"], ups["floor"], ups.get("nginx")
+        out.append(f"  set-ups/s: {fmt(a, '.0f')} / {fmt(b, '.0f')} = {q(a, b)} "
+                   f"(x nginx {q(a, c)} / {q(b, c)})")
+    if out:
+        print()
+        print("relay / floor, this run (floor: bench/trio_floor.py, the least this design costs):")
+        print("\n".join(out))
 
 
 def main() -> int:
@@ -117,6 +152,7 @@ def main() -> int:
         print()
     if not rows:
         print("no results")
+        print_over_floor(rows, idle)
         return 1
     by = {(r["target"], r["sessions"]): r for r in rows}
 
@@ -145,6 +181,7 @@ def main() -> int:
         ("CPU us/msg", 10),
         ("100%@", 6),
         ("x nginx", 7),
+        ("x floor", 7),
         ("x direct", 8),
         ("p50 ms", 7),
         ("p99 ms", 7),
@@ -159,8 +196,7 @@ def main() -> int:
     head = "  ".join(name.rjust(w) if w else name for name, w in cols)
     print(head)
     print("-" * len(head))
-    order = {"direct": 0, "relay": 1, "nginx": 2}
-    for r in sorted(rows, key=lambda r: (order.get(r["target"], 9), r["sessions"])):
+    for r in sorted(rows, key=lambda r: (ORDER.get(r["target"], 9), r["sessions"])):
         tc = target_cpu(r)
         vals = [
             r["target"],
@@ -170,6 +206,7 @@ def main() -> int:
             fmt(tc.get("us_per_msg")),
             est_max(r),
             ratio(r, "nginx"),
+            ratio(r, "floor"),
             ratio(r, "direct"),
             fmt(r.get("rtt_p50_ms")),
             fmt(r.get("rtt_p99_ms")),
@@ -189,13 +226,15 @@ def main() -> int:
     print("counted (client->bot + bot->client); for 'direct' it is the echo bot itself.")
     print("RSS MiB: the target's resident memory at the end of the window (nginx: master")
     print("and worker); mem x nginx: that, over nginx's at the same session count.")
+    print("x nginx, x floor, x direct: CPU us/msg over that target's at the same session count;")
+    print("floor = bench/trio_floor.py, a minimal Trio relay of this design: its least cost.")
     print("keeps up: nothing lost/reordered/corrupt, every session opened, RTT p50 < 5 ms,")
     print("generator on schedule. 'no*' = core 1 (loadgen [+ echo bot]) was")
     print(f">= {HARNESS_BUSY:.0f}% busy while the target was not: the limit is the harness.")
     print("core1%: core 1 busy (all processes). other%: CPU on core 0 or 1 used by processes")
     print("that are not part of the benchmark; 'no~' = failed while other% > 10: re-run it.")
     print()
-    targets = sorted({r["target"] for r in rows}, key=lambda t: order.get(t, 9))
+    targets = sorted({r["target"] for r in rows}, key=lambda t: ORDER.get(t, 9))
     for t in targets:
         pts = sorted((r for r in rows if r["target"] == t), key=lambda r: r["sessions"])
         ok = [r["sessions"] for r in pts if r["keeps_up"]]
@@ -219,6 +258,7 @@ def main() -> int:
         if ref is not None and est_max(ref) != "-":
             msg += f"; one full core at ~{est_max(ref)} (linear estimate)"
         print(f"max sessions kept up  {t:7s} {msg}")
+    print_over_floor(rows, idle)
     return 0
 
 
