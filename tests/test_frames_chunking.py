@@ -168,6 +168,43 @@ def test_any_chunking_gives_the_same_frames_pieces_and_violations(
     assert split == whole
 
 
+@st.composite
+def frame_lists(draw: st.DrawFn, masked: bool) -> list[bytes]:
+    """Frames of every kind (mostly well-formed data frames, the relay's common case)."""
+    frames = []
+    for _ in range(draw(st.integers(1, 6))):
+        opcode = draw(st.sampled_from([OP_TEXT, OP_BINARY] * 4 + [OP_CONT, OP_PING, OP_CLOSE, 3]))
+        payload = draw(close_payloads if opcode == OP_CLOSE else data_payloads)
+        right_mask = draw(st.integers(0, 9)) > 0
+        frames.append(raw_frame(
+            opcode, payload,
+            key=draw(st.binary(min_size=4, max_size=4)) if masked == right_mask else None,
+            fin=draw(st.integers(0, 5)) > 0, rsv=draw(st.sampled_from([0, 0, 0, 1, 4])),
+            form=draw(st.sampled_from(["minimal"] * 6 + ["16", "64"]))))
+    return frames
+
+
+@settings(max_examples=300, deadline=None)
+@given(masked=st.booleans(), limit=st.sampled_from([0, 100, 300, 70_000, LIMIT]),
+       data=st.data())
+def test_a_chunk_of_exactly_one_frame_is_scanned_like_any_other_split(
+    masked: bool, limit: int, data: st.DataObject
+) -> None:
+    """feed() takes a shortcut when a chunk is one whole text or binary frame (the relay's
+    commonest read): pieces, violations and every counter must be what the general walk
+    over the same bytes in one chunk gives."""
+    frames = data.draw(frame_lists(masked), label="frames")
+    stream = b"".join(frames)
+    cuts = list(itertools.accumulate(len(f) for f in frames))[:-1]
+    a = FrameScanner(masked=masked, max_message_size=limit)
+    b = FrameScanner(masked=masked, max_message_size=limit)
+    whole = walk(a, [stream])
+    per_frame = walk(b, chunked(stream, cuts))
+    assert per_frame == whole
+    assert (b.header_bytes, b.data_bytes, b.messages) == (a.header_bytes, a.data_bytes,
+                                                          a.messages)
+
+
 @pytest.mark.parametrize("masked", [True, False])
 def test_every_split_of_a_stream_byte_by_byte_matches_the_whole(masked: bool) -> None:
     """One fixed stream with every kind of frame and violation, fed a byte at a time."""
