@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -82,6 +83,7 @@ async def open_tcp_to_bot(target: BotTarget) -> trio.SocketStream:
                                 f"{exc.strerror or exc}", reason="unreachable") from exc
 
 
+@functools.lru_cache(maxsize=256)  # bot hosts come from the configuration: a few
 def _ip_family(host: str) -> socket.AddressFamily | None:
     """The address family of an IP literal; None for a name (resolved by trio)."""
     try:
