@@ -319,30 +319,8 @@ class FrameScanner:
             raise RuntimeError("FrameScanner.feed() after a protocol violation")
         if not isinstance(data, memoryview):
             data = memoryview(data)
-        n = len(data)
-        # 0. The commonest chunk, first: exactly one whole unfragmented text or binary frame
-        # within limits, nothing held from earlier chunks (the checks of step 3, inline).
-        if n >= 4 and not (self._hdr or self._remaining or self._ctrl_need or self._in_message):
-            b0 = data[0]
-            b1 = data[1]
-            ln = b1 & 0x7F
-            if ln < 126:
-                hl = 2
-            elif ln == 126:
-                ln = data[2] << 8 | data[3]
-                hl = 4 if ln >= 126 else 0  # 0: not minimal, left to step 3 to refuse
-            else:
-                hl = 0
-            if hl:
-                if b1 & 0x80:
-                    hl += 4
-                if (hl + ln == n and 0 < b0 & 0x0F < 3 and b0 & 0x80
-                        and b1 & 0x80 == self._mask_bit and ln <= self._max):
-                    self.messages += 1
-                    self.header_bytes += hl
-                    self.data_bytes += n
-                    return [data]
         out: list[Piece] = []
+        n = len(data)
         pos = 0
 
         # 1. A header split across chunks: complete it from the front of this chunk.

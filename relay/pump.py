@@ -32,9 +32,7 @@ import attrs
 import trio
 
 from .frames import OP_CLOSE, OP_PONG, ControlFrame, FrameScanner, Piece, Violation
-from .wire import Conn, ConnectionLost, SocketConn, Stalled
-
-_wait_readable = trio.lowlevel.wait_readable
+from .wire import Conn, ConnectionLost, Stalled
 
 CHUNK = 16384  # bytes per read: bounds memory per direction; 20 ms of 8 kHz audio is 320 B
 
@@ -172,30 +170,16 @@ async def pump(
     index = 0
     send_all = dst.conn.send_all
     stall = dst.stall_timeout
-    feed = scanner.feed
-    # A plain socket (the common case) is read here: the same calls as
-    # SocketConn.receive_into, without a coroutine frame per message.
-    raw = src.sock if type(src) is SocketConn else None
-    fd = raw.fileno() if raw is not None else -1
     try:
         while True:
             if pending:
-                pieces = feed(memoryview(pending))
+                pieces = scanner.feed(memoryview(pending))
                 pending = b""
             else:
-                if raw is not None:
-                    await _wait_readable(fd)
-                    try:
-                        n = raw.recv_into(buf)
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except OSError:
-                        n = 0
-                else:
-                    n = await src.receive_into(buf)
+                n = await src.receive_into(buf)
                 if n == 0:
                     return End(Ending.GONE)
-                pieces = feed(view[:n])
+                pieces = scanner.feed(view[:n])
             # Until this chunk is written, the peer's frame state is unknown: no gateway
             # frame may be inserted (a cancelled or failed write leaves it unknown).
             dst.mid_frame = True

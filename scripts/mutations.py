@@ -97,11 +97,6 @@ MUTATIONS: list[Mutation] = [
       "cors_origins=server.cors_origins, shutting_down=False,",
       "Gateway.handle serves an upgrade while shutting down", (EMB,)),
     # -- frames ------------------------------------------------------------------------
-    M("frames.one-frame-shortcut-takes-reserved-opcodes", "relay/frames.py",
-      "                if (hl + ln == n and 0 < b0 & 0x0F < 3 and b0 & 0x80\n",
-      "                if (hl + ln == n and 0 < b0 & 0x0F < 4 and b0 & 0x80\n",
-      "a chunk of one frame with reserved opcode 3 is relayed instead of refused (1002)",
-      ("tests/test_frames_chunking.py",)),
     M("frames.mask-unchecked", "relay/frames.py",
       "        if (b1 & _MASK) != self._mask_bit:", "        if False:",
       "unmasked client frames / masked bot frames are relayed", ("tests/test_frames.py",)),
@@ -129,11 +124,6 @@ MUTATIONS: list[Mutation] = [
       "            self._msg_size = 0\n            self.messages += 1",
       "            self._msg_size = 0\n            self.messages += 0",
       "relayed messages are not counted", ("tests/test_frames.py",)),
-    M("frames.one-frame-shortcut-uncounted", "relay/frames.py",
-      "                    self.messages += 1\n                    self.header_bytes += hl",
-      "                    self.messages += 0\n                    self.header_bytes += hl",
-      "a message read as one whole chunk is not counted",
-      ("tests/test_frames.py", "tests/test_frames_chunking.py")),
     # -- closing -----------------------------------------------------------------------
     M("closing.replaced-not-first", "relay/closing.py",
       '    if cancel_reason == "replaced":\n        return REPLACED_BY_NEWER',

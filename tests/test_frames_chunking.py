@@ -190,9 +190,8 @@ def frame_lists(draw: st.DrawFn, masked: bool) -> list[bytes]:
 def test_a_chunk_of_exactly_one_frame_is_scanned_like_any_other_split(
     masked: bool, limit: int, data: st.DataObject
 ) -> None:
-    """feed() takes a shortcut when a chunk is one whole text or binary frame (the relay's
-    commonest read): pieces, violations and every counter must be what the general walk
-    over the same bytes in one chunk gives."""
+    """A chunk of exactly one frame is the relay's commonest read: pieces, violations and
+    every counter (header bytes too) must be what one chunk of the whole stream gives."""
     frames = data.draw(frame_lists(masked), label="frames")
     stream = b"".join(frames)
     cuts = list(itertools.accumulate(len(f) for f in frames))[:-1]
