@@ -22,7 +22,7 @@ import trio
 from trio.lowlevel import notify_closing, wait_readable, wait_writable
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-GC_THRESHOLDS = (100_000, 50, 100)  # as relay/server.py
+GC_THRESHOLDS = (20_000, 50, 100)  # as relay/server.py
 BUF = bytearray(256 * 1024)  # one receive buffer: trio runs one task at a time
 VIEW = memoryview(BUF)
 KEY = re.compile(rb"^sec-websocket-key:[ \t]*(\S+)", re.I | re.M)

@@ -21,7 +21,7 @@ from .workers import is_worker
 
 log = logging.getLogger(__name__)
 
-GC_THRESHOLDS = (100_000, 50, 100)  # allocations before a gen-0 collection, then gen 1, 2
+GC_THRESHOLDS = (20_000, 50, 100)  # allocations before a gen-0 collection, then gen 1, 2
 
 
 async def serve_until_signal(gateway: Gateway) -> None:
