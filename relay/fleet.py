@@ -450,14 +450,8 @@ class FleetRegistry(Registry):
     async def _admit_alone(self, member: Member, agent: AgentConfig, sid: str) -> bool:
         # Redis does not answer: count and replace this instance's sessions only (the
         # caller holds the agent's lock, as the single-process Registry does).
-        while self.count(agent.name) >= agent.max_clients:
-            if agent.when_full == "reject":
-                return False
-            oldest = self._live[agent.name][0]
-            oldest.cancel("replaced")
-            with trio.move_on_after(agent.limits.close_timeout + REPLACE_MARGIN):
-                await oldest.done.wait()
-            self.release(oldest, agent.name)
+        if not await self.make_room(agent):
+            return False
         self._add(member, agent.name, sid)
         return True
 

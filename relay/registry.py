@@ -70,17 +70,25 @@ class Registry:
             self._live[agent.name].append(member)
             return True
         async with lock:
-            while self.count(agent.name) >= agent.max_clients:
-                if agent.when_full == "reject":
-                    return False
-                oldest = self._live[agent.name][0]
-                oldest.cancel("replaced")
-                with trio.move_on_after(agent.limits.close_timeout + REPLACE_MARGIN):
-                    await oldest.done.wait()
-                self.release(oldest, agent.name)
+            if not await self.make_room(agent):
+                return False
             # Looked up afresh: a release while we waited may have dropped the old list.
             self._live[agent.name].append(member)
             return True
+
+    async def make_room(self, agent: AgentConfig) -> bool:
+        """Replace this process's oldest sessions of `agent` until one more fits, each
+        torn down before the next is asked; False when it is full and rejects newcomers.
+        The caller holds the agent's lock."""
+        while self.count(agent.name) >= agent.max_clients:
+            if agent.when_full == "reject":
+                return False
+            oldest = self._live[agent.name][0]
+            oldest.cancel("replaced")
+            with trio.move_on_after(agent.limits.close_timeout + REPLACE_MARGIN):
+                await oldest.done.wait()
+            self.release(oldest, agent.name)
+        return True
 
     def connected(self, member: Member, agent: str) -> None:
         """The member's upgrade was accepted (its ``info`` is complete). A fleet lists it

@@ -213,21 +213,21 @@ MUTATIONS: list[Mutation] = [
       "purge never forgets used tokens: memory grows for ever", STORE),
     # -- registry ----------------------------------------------------------------------
     M("registry.no-wait-for-predecessor", "relay/registry.py",
-      "                with trio.move_on_after(agent.limits.close_timeout + REPLACE_MARGIN):\n"
-      "                    await oldest.done.wait()\n",
+      "            with trio.move_on_after(agent.limits.close_timeout + REPLACE_MARGIN):\n"
+      "                await oldest.done.wait()\n",
       "",
       "the newcomer's bot is dialled before the predecessor's teardown has finished",
       (E2E, EMB)),
     M("registry.reject-mode-replaces", "relay/registry.py",
-      '                if agent.when_full == "reject":', '                if False:',
+      '            if agent.when_full == "reject":', '            if False:',
       'when_full = "reject" replaces instead of refusing with 1013', (E2E,)),
     M("registry.replaces-newest", "relay/registry.py",
-      "                oldest = self._live[agent.name][0]",
-      "                oldest = self._live[agent.name][-1]",
+      "            oldest = self._live[agent.name][0]",
+      "            oldest = self._live[agent.name][-1]",
       "the newest client is replaced instead of the oldest", (LIFE,)),
     M("registry.limit-overshoots", "relay/registry.py",
-      "            while self.count(agent.name) >= agent.max_clients:",
-      "            while self.count(agent.name) > agent.max_clients:",
+      "        while self.count(agent.name) >= agent.max_clients:",
+      "        while self.count(agent.name) > agent.max_clients:",
       "an agent admits one client more than max_clients", (E2E,)),
     # -- in-process bots on relay's own listener ---------------------------------------
     M("inprocess.size-unlimited", "relay/inprocess.py",
