@@ -13,6 +13,7 @@ and bot dial failures; §8 for session timeout timing and frame pass-through.
 from __future__ import annotations
 
 import json
+import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -1610,7 +1611,8 @@ def _bot_101(request: bytes, *, sep: bytes = b"\r\n", extra: bytes = b"") -> byt
 
 
 async def _raw_head_bot(answer: Callable[[bytes], list[bytes | None]],
-                        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+                        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+                        *, host: str = "127.0.0.1") -> None:
     """A bot that reads our upgrade request and writes `answer(request)`, piece by piece
     (None: close the connection there), then echoes whatever arrives."""
     async def serve(stream: trio.SocketStream) -> None:
@@ -1629,7 +1631,7 @@ async def _raw_head_bot(answer: Callable[[bytes], list[bytes | None]],
         while data := await stream.receive_some(65536):  # one short masked frame a read
             await stream.send_all(bytes([data[0], data[1] & 0x7F]) + _unmask(data[2:]))
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listeners = await trio.open_tcp_listeners(0, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
     await trio.serve_listeners(serve, listeners)
 
@@ -1680,3 +1682,34 @@ async def test_a_bot_101_in_any_valid_shape_or_split_opens_the_session(
                 assert await peer.message() == b"hello"
                 await peer.stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("listen, url_host", [
+    ("127.0.0.1", "127.0.0.1"),  # an IPv4 literal: dialled on a raw socket
+    ("::1", "[::1]"),  # an IPv6 literal: the same, AF_INET6
+    ("127.0.0.1", "localhost"),  # a name: resolved and dialled by trio
+])
+async def test_a_bot_at_an_ip_literal_or_a_name_is_dialled(listen: str, url_host: str) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(_raw_head_bot, lambda req: [_bot_101(req)],
+                                           host=listen))
+        async with running(make_config(f"ws://{url_host}:{port}/bot")) as gw:
+            with trio.fail_after(WAIT):
+                peer = await ws_connect(gw.ws_port)
+                assert isinstance(peer, Peer), peer
+                await peer.send_message(b"hello")
+                assert await peer.message() == b"hello"
+                await peer.stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_ipv6_bot_is_502_with_the_reason() -> None:
+    with socket.socket(socket.AF_INET6) as s:  # a port nobody listens on
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    async with running(make_config(f"ws://[::1]:{port}/bot")) as gw:
+        with trio.fail_after(WAIT):
+            r = await ws_connect(gw.ws_port)
+    assert isinstance(r, Rejected), r
+    _assert_envelope(r, 502)
+    assert "cannot connect to the bot at ::1" in r.envelope()["detail"]
