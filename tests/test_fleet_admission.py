@@ -46,10 +46,11 @@ async def echo(ws: WebSocketConnection, text: str) -> None:
         assert await ws.get_message() == text
 
 
-async def close_code(ws: WebSocketConnection) -> int | None:
+async def close_code(ws: WebSocketConnection) -> int:
     with trio.fail_after(WAIT), pytest.raises(ConnectionClosed) as info:
         while True:
             await ws.get_message()
+    assert info.value.reason is not None
     return info.value.reason.code
 
 
@@ -142,6 +143,7 @@ async def test_newcomers_racing_on_two_instances_for_one_slot_one_gets_it(
                     await echo(ws, "mine?")
                     answered("admitted")
                 except ConnectionClosed as exc:
+                    assert exc.reason is not None
                     answered(str(exc.reason.code))
                     return
                 await all_in.wait()  # hold the slot until every newcomer has an answer

@@ -18,6 +18,7 @@ from support import KEYS, bot_server, make_config, open_client, running
 
 from relay.connection import ClientConnection
 from relay.gateway import METRICS_INTERVAL, PURGE_INTERVAL, Gateway
+from relay.store import MemoryStore
 from relay.wire import SocketConn
 
 WAIT = 10  # seconds: the bound on a wait that involves only loopback I/O
@@ -81,6 +82,7 @@ async def test_expired_tokens_and_bodies_are_swept_without_any_traffic(
 ) -> None:
     async with running(make_config()) as gw:
         store = gw.gateway.rt.store
+        assert isinstance(store, MemoryStore)  # no store configured: the in-memory one
         now = trio.current_time()  # the gateway's wall clock in these tests
         await store.put_session("pending", b'{"held":1}', now + 300)
         await store.put_session("used", None, now + 300)

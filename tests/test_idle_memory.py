@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from functools import partial
 
 import pytest
 import trio
@@ -107,12 +108,16 @@ async def test_timer_calls_each_entry_at_its_time_in_order(
 ) -> None:
     timer = KeepaliveTimer()
     calls: list[tuple[str, float]] = []
+
+    def record(name: str) -> None:
+        calls.append((name, trio.current_time()))
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(timer.run)
         await trio.testing.wait_all_tasks_blocked()
         t0 = trio.current_time()
         for name, delay in (("c", 30.0), ("a", 10.0), ("b", 20.0), ("a2", 10.0)):
-            timer.schedule(t0 + delay, lambda n=name: calls.append((n, trio.current_time())))
+            timer.schedule(t0 + delay, partial(record, name))
         await trio.sleep(31)
         nursery.cancel_scope.cancel()
     assert [(n, round(t - t0, 3)) for n, t in calls] == [
@@ -195,7 +200,7 @@ async def test_cancelled_entries_are_swept_once_they_are_most_of_the_heap(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(timer.run)
         t0 = trio.current_time()
-        tickets = [timer.schedule(t0 + 20 + i / 1000, lambda i=i: fired.append(i))
+        tickets = [timer.schedule(t0 + 20 + i / 1000, partial(fired.append, i))
                    for i in range(4000)]
         for t in tickets[:2000]:
             t.cancel()

@@ -41,6 +41,7 @@ from wsproto.events import Request as WsRequest
 
 from relay.config import Config, build_config, load_config
 from relay.inprocess import ClientDisconnected, Session
+from relay.store import MemoryStore
 from relay.tokens import KeyRing, mint
 
 PK = "pk_e2e_1"
@@ -865,6 +866,7 @@ async def test_1000_start_connect_cycles_leave_no_bodies_and_purge_clears_marker
     clock = FakeWallClock()
     async with bot_server() as bot, running(e2e_config(bot.url), wall_clock=clock) as gw:
         store = gw.gateway.rt.store
+        assert isinstance(store, MemoryStore)  # no store configured: the in-memory one
         for i in range(CYCLES):
             # Bound each cycle, not the run: a hang fails at once, a loaded machine is slow
             # but never wrong (the whole run took 7 s idle and 60 s with 10 busy loops).

@@ -116,6 +116,7 @@ async def echoes(ws: WebSocketConnection, message: str) -> bool:
             assert await ws.get_message() == message
             return True
         except ConnectionClosed as closed:
+            assert closed.reason is not None
             assert closed.reason.code == 4001, closed.reason
             return False
 
@@ -174,7 +175,9 @@ async def test_a_full_rejecting_agent_releases_the_token_it_refused_1013() -> No
                 async with open_client(gw.url("a", f"/{shared}")) as refused:
                     with trio.fail_after(WAIT), pytest.raises(ConnectionClosed) as closed:
                         await refused.get_message()
-                    assert closed.value.reason.code == 1013
+                    assert closed.value.reason is not None
+                    assert closed.value.reason is not None
+                assert closed.value.reason.code == 1013
         with trio.fail_after(WAIT):
             while gw.gateway.session_count("a"):  # the holder's teardown (no event for it)
                 await trio.lowlevel.checkpoint()
@@ -330,6 +333,7 @@ async def test_embedded_full_rejecting_agent_releases_the_token() -> None:
             async with open_client(base + shared) as refused:
                 with trio.fail_after(WAIT), pytest.raises(ConnectionClosed) as closed:
                     await refused.get_message()
+                assert closed.value.reason is not None
                 assert closed.value.reason.code == 1013
         with trio.fail_after(WAIT):
             while gw.session_count("a"):
