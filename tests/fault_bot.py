@@ -92,8 +92,13 @@ async def handle(stream: trio.SocketStream) -> None:
                                 await send(struct.pack("!BBH", 0x82, 126, 1000) + b"h" * 100)
                             say("half-sent")
                             await trio.sleep_forever()
-                        await send(ws.send(Message(data=event.data,
-                                                   message_finished=event.message_finished)))
+                        # One branch per kind: a Message holds str or bytes, never the union.
+                        echo: Message[str] | Message[bytes | bytearray]
+                        if isinstance(event, TextMessage):
+                            echo = Message(data=event.data, message_finished=event.message_finished)
+                        else:
+                            echo = Message(data=event.data, message_finished=event.message_finished)
+                        await send(ws.send(echo))
                     elif isinstance(event, Ping):
                         await send(ws.send(event.response()))
                     elif isinstance(event, CloseConnection):

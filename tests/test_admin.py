@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import attrs
 import pytest
@@ -20,6 +21,7 @@ from trio_websocket import ConnectionClosed
 from relay import closing
 from relay.admin import LocalOperations
 from relay.admin_api import LIVE_PAGE_CSP
+from relay.config import Config
 from relay.registry import Registry
 
 ADMIN = "adm_test_key_1"
@@ -27,7 +29,7 @@ OTHER_ADMIN = "adm_test_key_2"
 AUTH = [("authorization", f"Bearer {ADMIN}")]
 
 
-def admin_config(bot: str = "python:relay.echo:echo_bot", **agent_keys: object) -> object:
+def admin_config(bot: str = "python:relay.echo:echo_bot", **agent_keys: Any) -> Config:
     return make_config(bot, server={"admin_keys": [ADMIN, OTHER_ADMIN]}, **agent_keys)
 
 
@@ -277,7 +279,7 @@ async def test_drain_of_an_unknown_agent_is_404_and_drains_nothing() -> None:
 
 async def test_the_embedding_path_honours_drain_and_operator_end() -> None:
     config = make_config(server={"admin_keys": [ADMIN]})
-    async with embedded(config) as app:  # type: ignore[arg-type]
+    async with embedded(config) as app:
         url = f"ws://127.0.0.1:{app.port}/ws/generic/a.local"
         ops = app.gateway.operations
         await ops.set_draining("a", True)

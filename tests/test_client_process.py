@@ -283,5 +283,6 @@ async def test_a_try_refused_for_good_ends_the_reconnect_at_once(tmp_path: Path)
     assert "refused" in str(failed.value) and failed.value.code == 1001
     tries = [e for e in events.seen if isinstance(e, relay.client.AttemptFailed)]
     assert tries[-1].error is failed.value.last_error and not tries[-1].retrying
-    assert all(t.error.code == "unreachable" and t.retrying for t in tries[:-1])
+    assert all(isinstance(t.error, StartError) and t.error.code == "unreachable" and t.retrying
+               for t in tries[:-1])
     assert failed.value.attempts == len(tries)

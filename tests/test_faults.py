@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import IO
 
 import attrs
 import pytest
@@ -63,11 +64,11 @@ def _kill(process: trio.Process) -> None:
 
 
 @asynccontextmanager
-async def started(args: list[str], **kwargs: object) -> AsyncIterator[Proc]:
+async def started(args: list[str], stderr: IO[bytes] | None = None) -> AsyncIterator[Proc]:
     """A child process whose stdout lines are collected as they come."""
     process = await trio.lowlevel.open_process(
         [sys.executable, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        **kwargs)  # type: ignore[arg-type]
+        stderr=stderr)
     proc = Proc(process)
     try:
         async with trio.open_nursery() as nursery:
@@ -313,7 +314,7 @@ async def test_a_paused_peer_is_closed_after_stall_timeout_with_bounded_memory(
                         assert seen_by_paused in (["close 1008"], ["eof"]), seen_by_paused
                         paused_saw = seen_by_paused
                     else:
-                        client = await RawClient.connect(ws_port, "/ws/generic/echo.local")
+                        streamer = await RawClient.connect(ws_port, "/ws/generic/echo.local")
                         await bot.wait_for("open /echo")
                         bot.signal(signal.SIGSTOP)
                         paused_at = time.monotonic()
@@ -323,14 +324,14 @@ async def test_a_paused_peer_is_closed_after_stall_timeout_with_bounded_memory(
                         async def stream_to_bot() -> None:
                             payload = b"\x5a" * 65536
                             while True:
-                                await client.send(payload, opcode=2)
+                                await streamer.send(payload, opcode=2)
                                 await trio.sleep(0.02)
 
                         async with trio.open_nursery() as inner:
                             inner.start_soon(stream_to_bot)
 
                             async def watch() -> None:
-                                code.append(await client.until_close())
+                                code.append(await streamer.until_close())
                                 inner.cancel_scope.cancel()
 
                             inner.start_soon(watch)
@@ -340,7 +341,7 @@ async def test_a_paused_peer_is_closed_after_stall_timeout_with_bounded_memory(
                                     await trio.sleep(0.05)
                             inner.cancel_scope.cancel()
                         closed_after = time.monotonic() - paused_at
-                        await client.stream.aclose()
+                        await streamer.stream.aclose()
                         assert code == [1001]
                         bot.signal(signal.SIGCONT)
                         with trio.move_on_after(20):  # it reads its backlog, then the end

@@ -30,7 +30,7 @@ PID_AGENT = '[agents.pid]\nbot = "python:pid_bot:pid_bot"\nmax_clients = 100\n'
 
 def guide_snippet() -> str:
     text = GUIDE.read_text(encoding="utf-8")
-    blocks = re.findall(r"```nginx\n(.*?)```", text, flags=re.S)
+    blocks: list[str] = re.findall(r"```nginx\n(.*?)```", text, flags=re.S)
     assert len(blocks) == 1, "docs/deploying.md shows exactly one nginx snippet"
     return blocks[0]
 

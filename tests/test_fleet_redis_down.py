@@ -24,7 +24,7 @@ async def echo_many(ws: WebSocketConnection, tag: str, count: int = 20) -> None:
     with trio.fail_after(WAIT):
         for i in range(count):
             await ws.send_message(f"{tag}-{i}")
-        got = []
+        got: list[str] = []
         while len(got) < count:
             message = await ws.get_message()
             if isinstance(message, str) and message.startswith(f"{tag}-"):

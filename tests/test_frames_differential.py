@@ -43,7 +43,7 @@ from relay.frames import (
 )
 
 
-class _AnyRsv(Extension):  # type: ignore[misc]
+class _AnyRsv(Extension):
     """Claims RSV1-3 on every frame and leaves payloads alone."""
 
     name = "relay-test-any-rsv"
@@ -86,10 +86,12 @@ class Reference:
         def spy() -> bool:
             done = parse_header()
             if done:
+                assert decoder.header is not None  # parsed: the header is set
                 lengths.append(decoder.header.payload_len)
             return bool(done)
 
-        decoder.parse_header = spy
+        # The test deliberately replaces the decoder's method with the spy above.
+        decoder.parse_header = spy  # type: ignore[method-assign]
         self.frames: list[tuple[int, int, bool, bytes, int]] = []  # op, len, fin, payload, end
         self.failed: int | None = None  # wsproto's close code, when it refused a frame
         self.after_close = False
@@ -99,12 +101,14 @@ class Reference:
             for frame in proto.received_frames():
                 op = int(frame.opcode)
                 if frame.opcode is Opcode.CLOSE:
+                    assert isinstance(frame.payload, tuple)  # a close's payload: (code, reason)
                     code, reason = frame.payload
                     payload = b"" if code == 1005 else int(code).to_bytes(2, "big") + \
                         reason.encode()
                 elif isinstance(frame.payload, str):
                     payload = frame.payload.encode()
                 else:
+                    assert isinstance(frame.payload, bytes | bytearray)  # a data or ping/pong frame
                     payload = bytes(frame.payload)
                 if not frame.frame_finished:  # the stream ends inside this data frame
                     parts.append(payload)
@@ -127,11 +131,12 @@ class Reference:
                     self.after_close = True  # wsproto reads nothing after a close
         except ParseFailed as exc:
             self.failed = int(exc.code)
+        header = decoder.header
         self.tail_in_data_frame = (
-            self.failed is None and decoder.header is not None
-            and not decoder.header.opcode.iscontrol())
-        self.missing = (decoder.header.payload_len - decoder.payload_consumed
-                        if self.tail_in_data_frame else 0)  # payload bytes still to come
+            self.failed is None and header is not None and not header.opcode.iscontrol())
+        self.missing = (header.payload_len - decoder.payload_consumed
+                        if header is not None and self.tail_in_data_frame
+                        else 0)  # payload bytes still to come
 
 
 def _unmasked(payload: bytes, key: bytes | None) -> bytes:

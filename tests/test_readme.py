@@ -98,7 +98,8 @@ def clean_env() -> dict[str, str]:
            if k not in ("RELAY_SECRET", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
                                   if p and p != venv_bin)
-    env["PYTHON"] = sys._base_executable  # a Python 3.11 for `python -m venv`
+    # a Python 3.11 for `python -m venv`; sys._base_executable is private, not in typeshed
+    env["PYTHON"] = sys._base_executable  # type: ignore[attr-defined]
     return env
 
 

@@ -227,7 +227,7 @@ async def test_an_in_process_bot_session_logs_the_clients_code() -> None:
 async def test_the_embedding_path_logs_its_sessions_too() -> None:
     async with bot_server() as bot:
         with captured() as out:
-            async with embedded(make_config(bot.url)) as app:  # type: ignore[arg-type]
+            async with embedded(make_config(bot.url)) as app:
                 url = f"ws://127.0.0.1:{app.port}/ws/generic/a.local"
                 async with embedded_client(url) as ws:
                     await ws.send_message("abc")
