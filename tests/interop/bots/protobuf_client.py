@@ -67,7 +67,8 @@ async def main(url: str, token: str, tone: bytes) -> bytes | None:
         enable_rtvi=False,
     )
 
-    @worker.event_handler("on_pipeline_started")
+    # Pipecat's event_handler decorator has no annotations (untyped in pipecat-ai).
+    @worker.event_handler("on_pipeline_started")  # type: ignore[untyped-decorator]
     async def on_pipeline_started(_worker: Any, _frame: Any) -> None:
         report("connected")
         await worker.queue_frames([OutputAudioRawFrame(

@@ -68,7 +68,8 @@ async def bot(runner_args: WebSocketRunnerArguments) -> None:
                               audio_out_sample_rate=SAMPLE_RATE),
     )
 
-    @transport.event_handler("on_client_disconnected")
+    # Pipecat's event_handler decorator has no annotations (untyped in pipecat-ai).
+    @transport.event_handler("on_client_disconnected")  # type: ignore[untyped-decorator]
     async def on_client_disconnected(_transport: Any, _websocket: Any) -> None:
         await worker.cancel()
 

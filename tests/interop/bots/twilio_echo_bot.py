@@ -109,7 +109,8 @@ async def websocket_endpoint(
                               audio_out_sample_rate=SAMPLE_RATE),
     )
 
-    @transport.event_handler("on_client_disconnected")
+    # Pipecat's event_handler decorator has no annotations (untyped in pipecat-ai).
+    @transport.event_handler("on_client_disconnected")  # type: ignore[untyped-decorator]
     async def on_client_disconnected(_transport: Any, _websocket: Any) -> None:
         await worker.cancel()
 
