@@ -1,7 +1,10 @@
 """Helpers for fleet tests: real `relay serve` processes on one real redis-server.
 
-Each instance gets free loopback ports and its own config file; all share the HMAC secret
-and the Redis ``key_prefix``. Processes are killed by PID on the way out.
+Each instance binds loopback port 0 (its ports are read from its ready line, see
+processes.py) and has its own config file; all share the HMAC secret and the Redis
+``key_prefix``. Processes are stopped by PID on the way out. The default ``public_url``
+names no port (the instances' ports are not known when the configs are written): tests take
+the path from a ``wsUrl`` with ``ws_path`` and open it on the instance they mean.
 """
 
 from __future__ import annotations
@@ -9,24 +12,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import trio
-from redis_server import free_port
+from processes import relay_serve
 from support import http
 
 TESTS = str(Path(__file__).parent)
 SECRET = "k1:fleet-test-secret"
 PK = "pk_fleet"
-START_BOUND = 30.0  # seconds for a process to import and listen on a loaded machine
+PUBLIC_URL = "ws://relay.fleet.test"  # the default public_url: wsUrl's path is what counts
 WAIT = 15.0  # seconds: backstop for every network wait in fleet tests
-POLL = 0.05
 
 
 @attrs.define
@@ -68,14 +69,20 @@ class Instance:
         return None
 
 
-def config_text(ws_port: int, api_port: int, redis_url: str, prefix: str, bot_url: str,
+def ws_path(ws_url: str) -> str:
+    """The path of a /start answer's wsUrl: the same on every instance."""
+    assert ws_url.startswith(PUBLIC_URL + "/"), ws_url
+    return urlsplit(ws_url).path
+
+
+def config_text(redis_url: str, prefix: str, bot_url: str,
                 *, server: str = "", store: str = "", agents: str = "",
-                public_url: str = "") -> str:
+                public_url: str = PUBLIC_URL) -> str:
     return (
         "[server]\n"
-        f'ws_bind = ["127.0.0.1:{ws_port}"]\n'
-        f'api_bind = ["127.0.0.1:{api_port}"]\n'
-        f'public_url = "{public_url or f"ws://127.0.0.1:{ws_port}"}"\n'
+        'ws_bind = ["127.0.0.1:0"]\n'
+        'api_bind = ["127.0.0.1:0"]\n'
+        f'public_url = "{public_url}"\n'
         f'public_keys = ["{PK}"]\n'
         "close_timeout = 1\n"
         "ping_interval = 1000\n"
@@ -105,61 +112,22 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
-def read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
-
-
-async def wait_listening(port: int, process: trio.Process, stderr: Path) -> None:
-    with trio.fail_after(START_BOUND):
-        while True:
-            if process.returncode is not None:
-                raise AssertionError("relay serve exited before listening:\n"
-                                     + read_text(stderr))
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(POLL)
-                continue
-            await stream.aclose()
-            return
-
-
-def kill(process: trio.Process) -> None:
-    if process.returncode is None:
-        try:
-            process.kill()  # by this process's PID only
-        except ProcessLookupError:
-            pass
-
-
 @asynccontextmanager
 async def fleet(directory: Path, names: list[str], redis_url: str, prefix: str,
                 bot_url: str, **config: str) -> AsyncIterator[dict[str, Instance]]:
-    """Start one `relay serve` per name, all on ``redis_url``; kill them all at the end."""
-    instances: dict[str, Instance] = {}
+    """Start one `relay serve` per name, all on ``redis_url``; stop them all at the end."""
     env = {**os.environ, "RELAY_SECRET": SECRET,  # tests/ on the path: python: bots there
            "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
-    try:
+    instances: dict[str, Instance] = {}
+    async with AsyncExitStack() as stack:
         for name in names:
-            ws_port, api_port = free_port(), free_port()
             path = write_config(directory / f"{name}.toml", config_text(
-                ws_port, api_port, redis_url, prefix, bot_url, **config))
+                redis_url, prefix, bot_url, **config))
             stderr = directory / f"{name}.stderr"
-            with stderr.open("wb") as err:
-                process = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "relay", "serve", "--config", str(path)],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env)
-            instances[name] = Instance(name, process, ws_port, api_port, stderr, path)
-        for inst in instances.values():
-            await wait_listening(inst.ws_port, inst.process, inst.stderr)
-            await wait_listening(inst.api_port, inst.process, inst.stderr)
+            served = await stack.enter_async_context(relay_serve(path, stderr, env=env))
+            instances[name] = Instance(name, served.process, served.ws_port,
+                                       served.api_port, stderr, path)
         yield instances
-    finally:
-        for inst in instances.values():
-            kill(inst.process)
-        with trio.move_on_after(10):
-            for inst in instances.values():
-                await inst.process.wait()
 
 
 async def upgrade_status(port: int, path: str, token: str | None = None) -> tuple[int, bytes]:

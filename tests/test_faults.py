@@ -26,8 +26,8 @@ from typing import IO
 import attrs
 import pytest
 import trio
+from processes import Served, relay_serve
 from support import make_config, running
-from test_serve_process import free_port, wait_listening
 
 from relay.frames import ControlFrame, FrameScanner, encode_frame, parse_close
 
@@ -105,21 +105,16 @@ async def bot_process() -> AsyncIterator[tuple[Proc, int]]:
 
 @asynccontextmanager
 async def gateway_process(tmp_path: Path, agents: dict[str, str], **server: object
-                          ) -> AsyncIterator[tuple[Proc, int]]:
-    ws, api = free_port(), free_port()
-    lines = ["[server]", f'ws_bind = ["127.0.0.1:{ws}"]', f'api_bind = ["127.0.0.1:{api}"]',
+                          ) -> AsyncIterator[tuple[Served, int]]:
+    lines = ["[server]", 'ws_bind = ["127.0.0.1:0"]', 'api_bind = ["127.0.0.1:0"]',
              "ping_interval = 1000", "ping_timeout = 1000"]
     lines += [f"{k} = {v}" for k, v in server.items()]
     for name, bot in agents.items():
         lines += [f"[agents.{name}]", f'bot = "{bot}"', "max_clients = 1000"]
     config = tmp_path / "relay.toml"
     config.write_text("\n".join(lines) + "\n")
-    with (tmp_path / "gateway.err").open("wb") as err:
-        async with started(["-m", "relay", "serve", "--config", str(config)],
-                           stderr=err) as gw:
-            await wait_listening(ws, gw.process)
-            await wait_listening(api, gw.process)
-            yield gw, ws
+    async with relay_serve(config, tmp_path / "gateway.err") as gw:
+        yield gw, gw.ws_port
 
 
 def rss(pid: int) -> int:
@@ -384,7 +379,7 @@ async def test_sigterm_with_500_live_sessions_gives_everyone_1001_and_exits_in_t
                 while not c.data.endswith(b"ping"):
                     c.feed(await c.stream.receive_some(65536))
             codes: list[int | None] = []
-            gw.signal(signal.SIGTERM)
+            gw.process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             async with trio.open_nursery() as nursery:
                 for c in clients:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import trio
-from fleet import WAIT, fleet, upgrade_status
+from fleet import WAIT, fleet, upgrade_status, ws_path
 from redis_server import RedisServer, fresh_prefix, redis_server  # noqa: F401
 from support import BotServer, bot_server, open_client
 
@@ -32,7 +32,7 @@ async def test_start_on_a_upgrade_on_c_replay_on_b_is_403_body_delivered_once(
         status, answer = await f["a"].start("tok", {"transport": "websocket", "body": {"n": 7}})
         assert status == 200, answer
         token, ws_url = answer["token"], answer["wsUrl"]
-        path = ws_url.split(str(f["a"].ws_port), 1)[1]  # the same path on any instance
+        path = ws_path(ws_url)  # the same path on any instance
         with trio.fail_after(WAIT):
             async with open_client(f["c"].ws_url(path),
                                    extra_headers=[(b"authorization",
@@ -56,7 +56,7 @@ async def test_one_token_raced_at_every_instance_opens_exactly_one_session(
                                           fresh_prefix(), bot.url) as f:
         status, answer = await f["b"].start("tok", {"transport": "websocket", "body": {"x": "y"}})
         assert status == 200, answer
-        path = answer["wsUrl"].split(str(f["b"].ws_port), 1)[1]
+        path = ws_path(answer["wsUrl"])
         statuses: list[int] = []
 
         async def attempt(port: int) -> None:
@@ -82,7 +82,7 @@ async def test_a_token_from_another_fleet_prefix_is_unknown_here(
         status, answer = await fx["x"].start("tok", {"transport": "websocket",
                                                      "body": {"n": 1}})
         assert status == 200
-        path = answer["wsUrl"].split(str(fx["x"].ws_port), 1)[1]
+        path = ws_path(answer["wsUrl"])
         status_y, head = await upgrade_status(fy["y"].ws_port, path, answer["token"])
         assert status_y == 403 and b"body_unavailable" in head, head
         assert (await upgrade_status(fx["x"].ws_port, path, answer["token"]))[0] == 101

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import trio
-from fleet import WAIT, Instance, fleet, upgrade_status
+from fleet import WAIT, Instance, fleet, upgrade_status, ws_path
 from redis_server import RedisServer, fresh_prefix, redis_server  # noqa: F401
 from support import bot_server, http, open_client
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -146,7 +146,7 @@ async def test_drain_on_b_refuses_upgrades_and_start_on_every_instance_until_und
         a, b, c = f["a"], f["b"], f["c"]
         status, held = await a.start("tok")  # a token issued before the drain
         assert status == 200
-        path = held["wsUrl"].split(str(a.ws_port), 1)[1]
+        path = ws_path(held["wsUrl"])
         async with open_client(c.ws_url(OPEN)) as live:
             await echo(live, "before")
             status, _ = await admin(b, "POST", "/v1/admin/agents/open/drain")

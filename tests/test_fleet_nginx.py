@@ -1,10 +1,11 @@
 """Two `relay serve` instances behind a real nginx, configured from docs/deploying.md.
 
 The nginx snippet the deployment guide shows is read from the guide itself, its example
-addresses replaced by this test's free loopback ports; clients talk only to nginx, and
-the fleet behaves as one gateway: /start and the upgrade through it, the body delivered
-once, a replay refused, sessions spread over both instances. nginx runs in the
-foreground as one process (``master_process off``) and is stopped by its PID.
+addresses replaced by the instances' ports (read from their ready lines) and a free
+loopback port for nginx; clients talk only to nginx, and the fleet behaves as one
+gateway: /start and the upgrade through it, the body delivered once, a replay refused,
+sessions spread over both instances. nginx runs in the foreground as one process
+(``master_process off``) and is stopped by its PID.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from fleet import WAIT, Instance, fleet, kill, read_text, upgrade_status, wait_listening
+from fleet import WAIT, Instance, fleet, upgrade_status
 from fleet import write_config as write_file
 from redis_server import RedisServer, free_port, fresh_prefix, redis_server  # noqa: F401
 from support import bot_server, http, open_client
 
 GUIDE = Path(__file__).parent.parent / "docs" / "deploying.md"
+START_BOUND = 30.0  # seconds for nginx to listen on a loaded machine
+POLL = 0.05
 PID_AGENT = '[agents.pid]\nbot = "python:pid_bot:pid_bot"\nmax_clients = 100\n'
 
 
@@ -58,6 +61,24 @@ def nginx_conf(snippet: str, directory: Path, listen: int,
     )
 
 
+def read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+async def wait_listening(port: int, process: trio.Process, stderr: Path) -> None:
+    with trio.fail_after(START_BOUND):
+        while True:
+            if process.returncode is not None:
+                raise AssertionError("nginx exited before listening:\n" + read_text(stderr))
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(POLL)
+                continue
+            await stream.aclose()
+            return
+
+
 @asynccontextmanager
 async def nginx(directory: Path, listen: int, instances: list[Instance]) -> AsyncIterator[int]:
     binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
@@ -75,7 +96,8 @@ async def nginx(directory: Path, listen: int, instances: list[Instance]) -> Asyn
         await wait_listening(listen, process, stderr)
         yield listen
     finally:
-        kill(process)  # by PID: with master_process off it is the only nginx process
+        if process.returncode is None:
+            process.kill()  # by PID: with master_process off it is the only nginx process
         with trio.move_on_after(10):
             await process.wait()
         print(read_text(directory / "error.log")[-2000:])

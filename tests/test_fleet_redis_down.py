@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
-from fleet import WAIT, Instance, fleet, upgrade_status
+from fleet import WAIT, Instance, fleet, upgrade_status, ws_path
 from redis_server import RedisServer, fresh_prefix
 from support import bot_server, open_client
 from trio_websocket import WebSocketConnection
@@ -47,7 +47,7 @@ async def until_store(inst: Instance, state: str) -> None:
 
 
 def token_path(inst: Instance, answer: dict[str, str]) -> str:
-    return answer["wsUrl"].split(str(inst.ws_port), 1)[1]
+    return ws_path(answer["wsUrl"])
 
 
 async def test_redis_stops_and_starts_live_sessions_untouched_and_recovery_without_restart(

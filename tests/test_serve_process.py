@@ -1,10 +1,10 @@
 """`relay serve` as a real process: start, answer, stop on SIGTERM/SIGINT, refuse busy binds.
 
 These tests run `python -m relay serve --config FILE` as a subprocess, so real time is
-inherent: readiness is a short poll of the WebSocket port under an overall bound, and exit
-times are measured with `time.monotonic()` around the wait for the process. Ports are
-picked by binding port 0 and closing the socket. Every process started here is killed by
-PID in a `finally`.
+inherent: readiness is the process's ready line under an overall bound (tests/processes.py),
+and exit times are measured with `time.monotonic()` around the wait for the process. The
+config binds port 0 and the ports are read from the ready line. Every process started here
+is stopped by PID in a `finally`.
 
 The embedded default (no --config) binds 127.0.0.1:8700/8701, which may be busy on a
 shared machine; it is tested in-process from `relay.config.default_config()` with its
@@ -25,6 +25,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+from processes import START_BOUND, Served, relay_serve
 from support import KEYS, open_client
 from trio_websocket import ConnectionClosed
 
@@ -33,18 +34,10 @@ from relay.config import ECHO_BOT, Bind, default_config
 from relay.gateway import Gateway
 
 CLOSE_TIMEOUT = 1.0  # seconds, set in the config: the shutdown bound is this + 1 s (SPEC §8)
-START_BOUND = 20.0  # seconds for the process to import and listen
 EXIT_SLACK = 3.0  # seconds beyond close_timeout we allow a loaded CI machine
-POLL = 0.05  # seconds between readiness probes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_config(tmp_path: Path, ws_port: int, api_port: int) -> Path:
+def write_config(tmp_path: Path, ws_port: int = 0, api_port: int = 0) -> Path:
     path = tmp_path / "relay.toml"
     path.write_text(
         "[server]\n"
@@ -58,62 +51,15 @@ def write_config(tmp_path: Path, ws_port: int, api_port: int) -> Path:
     return path
 
 
-@attrs.define
-class Served:
-    process: trio.Process
-    ws_port: int
-    api_port: int
-    stderr: Path
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.ws_port}/ws/generic/echo.local"
-
-    def stderr_text(self) -> str:
-        return self.stderr.read_text(encoding="utf-8", errors="replace")
-
-
-async def wait_listening(port: int, process: trio.Process) -> None:
-    """Poll until the port accepts a connection (or the process died)."""
-    with trio.fail_after(START_BOUND):
-        while True:
-            assert process.returncode is None, "relay serve exited before listening"
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(POLL)
-                continue
-            await stream.aclose()
-            return
-
-
-def kill(process: trio.Process) -> None:
-    if process.returncode is None:
-        try:
-            process.kill()  # by this process's PID only
-        except ProcessLookupError:
-            pass
+def echo_url(served: Served) -> str:
+    return f"ws://127.0.0.1:{served.ws_port}/ws/generic/echo.local"
 
 
 @asynccontextmanager
-async def relay_serve(tmp_path: Path, *args: str) -> AsyncIterator[Served]:
-    ws_port, api_port = free_port(), free_port()
-    config = write_config(tmp_path, ws_port, api_port)
-    stderr = tmp_path / "stderr.txt"
-    with stderr.open("wb") as err:
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "relay", "serve", "--config", str(config), *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-        )
-    try:
-        served = Served(process, ws_port, api_port, stderr)
-        await wait_listening(ws_port, process)
-        await wait_listening(api_port, process)
+async def serving(tmp_path: Path, *args: str) -> AsyncIterator[Served]:
+    """`relay serve` on the echo config, ports 0; stopped by PID on the way out."""
+    async with relay_serve(write_config(tmp_path), tmp_path / "stderr.txt", *args) as served:
         yield served
-    finally:
-        kill(process)
-        with trio.move_on_after(5):
-            await process.wait()
 
 
 async def echo_once(url: str, message: str = "hello") -> None:
@@ -153,9 +99,9 @@ async def timed_exit(process: trio.Process) -> tuple[int, float]:
 
 
 async def test_serve_process_answers_on_both_planes(tmp_path: Path) -> None:
-    async with relay_serve(tmp_path) as served:
-        await echo_once(served.url)
-        await echo_once(served.url, "again")
+    async with serving(tmp_path) as served:
+        await echo_once(echo_url(served))
+        await echo_once(echo_url(served), "again")
         assert (await http_status(served.api_port, "/health")).startswith(b"HTTP/1.1 200 ")
 
 
@@ -163,8 +109,8 @@ async def test_serve_process_answers_on_both_planes(tmp_path: Path) -> None:
 async def test_signal_exits_0_within_close_timeout_with_idle_gateway(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
-    async with relay_serve(tmp_path) as served:
-        await echo_once(served.url)
+    async with serving(tmp_path) as served:
+        await echo_once(echo_url(served))
         served.process.send_signal(signum)
         status, elapsed = await timed_exit(served.process)
         assert status == 0, served.stderr_text()
@@ -176,9 +122,9 @@ async def test_signal_exits_0_within_close_timeout_with_idle_gateway(
 async def test_signal_closes_live_sessions_with_1001_and_exits_0(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
-    async with relay_serve(tmp_path) as served:
+    async with serving(tmp_path) as served:
         with trio.fail_after(CLOSE_TIMEOUT + EXIT_SLACK + 10):
-            async with open_client(served.url) as ws:
+            async with open_client(echo_url(served)) as ws:
                 await ws.send_message("hi")
                 assert await ws.get_message() == "hi"
                 served.process.send_signal(signum)
@@ -197,7 +143,7 @@ async def test_sigterm_is_bounded_by_close_timeout_when_a_client_never_answers(
     tmp_path: Path,
 ) -> None:
     """A client that completed its upgrade and then reads nothing cannot hold the exit."""
-    async with relay_serve(tmp_path) as served:
+    async with serving(tmp_path) as served:
         with trio.fail_after(10):
             stream = await trio.open_tcp_stream("127.0.0.1", served.ws_port)
         async with stream:
@@ -228,8 +174,7 @@ def run_with_busy_port(tmp_path: Path, which: str) -> tuple[int, str, int]:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        other = free_port()
-        ws, api = (port, other) if which == "ws" else (other, port)
+        ws, api = (port, 0) if which == "ws" else (0, port)
         config = write_config(tmp_path, ws, api)
         process = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve", "--config", str(config)],

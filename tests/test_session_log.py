@@ -258,11 +258,11 @@ async def logged(served: Any, marker: str) -> None:
 
 async def test_relay_serve_log_format_json_writes_one_json_object_per_line(
         tmp_path: Path) -> None:
-    from test_serve_process import relay_serve
+    from test_serve_process import echo_url, serving
 
-    async with relay_serve(tmp_path, "--log-format", "json") as served:
+    async with serving(tmp_path, "--log-format", "json") as served:
         with trio.fail_after(30):
-            async with open_client(served.url) as ws:
+            async with open_client(echo_url(served)) as ws:
                 await ws.send_message("hi")
                 assert await ws.get_message() == "hi"
                 await ws.aclose(4321, "line1\nline2")
@@ -279,11 +279,11 @@ async def test_relay_serve_log_format_json_writes_one_json_object_per_line(
 
 
 async def test_relay_serve_logs_sessions_as_text_by_default(tmp_path: Path) -> None:
-    from test_serve_process import relay_serve
+    from test_serve_process import echo_url, serving
 
-    async with relay_serve(tmp_path) as served:
+    async with serving(tmp_path) as served:
         with trio.fail_after(30):
-            async with open_client(served.url) as ws:
+            async with open_client(echo_url(served)) as ws:
                 await ws.send_message("hi")
                 assert await ws.get_message() == "hi"
                 await ws.aclose(4321, "line1\nsession ended id=forged")

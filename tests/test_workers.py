@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -19,8 +18,9 @@ from pathlib import Path
 
 import attrs
 import trio
-from fleet import PK, SECRET, WAIT, Instance, kill, upgrade_status, wait_listening, write_config
-from redis_server import RedisServer, free_port, fresh_prefix, redis_server  # noqa: F401
+from fleet import PK, PUBLIC_URL, SECRET, WAIT, Instance, upgrade_status, write_config, ws_path
+from processes import relay_serve
+from redis_server import RedisServer, fresh_prefix, redis_server  # noqa: F401
 from support import open_client
 from trio_websocket import WebSocketConnection
 
@@ -30,13 +30,13 @@ EXIT_SLACK = 3.0  # seconds more on a loaded machine
 ATTEMPT = 3.0  # seconds for one session to open and greet
 
 
-def config_text(ws: int, api: int, redis_url: str = "", workers: int = 2) -> str:
+def config_text(redis_url: str = "", workers: int = 2) -> str:
     store = (f'[store]\nbackend = "redis"\nurl = "{redis_url}"\nkey_prefix = "{fresh_prefix()}"\n'
              if redis_url else "")
     return (
         "[server]\n"
-        f'ws_bind = ["127.0.0.1:{ws}"]\napi_bind = ["127.0.0.1:{api}"]\n'
-        f'public_url = "ws://127.0.0.1:{ws}"\npublic_keys = ["{PK}"]\n'
+        'ws_bind = ["127.0.0.1:0"]\napi_bind = ["127.0.0.1:0"]\n'
+        f'public_url = "{PUBLIC_URL}"\npublic_keys = ["{PK}"]\n'
         f"close_timeout = {CLOSE_TIMEOUT}\nworkers = {workers}\n"
         + store +
         '[agents.pid]\nbot = "python:pid_bot:pid_bot"\nmax_clients = 1000\n'
@@ -52,21 +52,12 @@ def env() -> dict[str, str]:
 
 @asynccontextmanager
 async def supervised(tmp_path: Path, redis_url: str) -> AsyncIterator[Instance]:
-    ws, api = free_port(), free_port()
-    path = write_config(tmp_path / "relay.toml", config_text(ws, api, redis_url))
+    path = write_config(tmp_path / "relay.toml", config_text(redis_url))
     stderr = tmp_path / "stderr.txt"
-    with stderr.open("wb") as err:
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "relay", "serve", "--config", str(path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env())
-    try:
-        await wait_listening(ws, process, stderr)
-        await wait_listening(api, process, stderr)
-        yield Instance("sup", process, ws, api, stderr, path)
-    finally:
-        kill(process)  # the supervisor's PID; its workers see their stdin close and stop
-        with trio.move_on_after(10):
-            await process.wait()
+    # The ready line is the first worker's; the supervisor resolved port 0 for them all.
+    # Stopping the supervisor by its PID stops its workers (their stdin closes).
+    async with relay_serve(path, stderr, env=env()) as served:
+        yield Instance("sup", served.process, served.ws_port, served.api_port, stderr, path)
 
 
 @attrs.define
@@ -146,7 +137,7 @@ async def test_a_token_is_used_once_across_workers(
     async with supervised(tmp_path, redis_server.url) as sup:
         status, answer = await sup.start("tok")
         assert status == 200, answer
-        path = answer["wsUrl"].split(str(sup.ws_port), 1)[1]
+        path = ws_path(answer["wsUrl"])
         statuses: list[int] = []
 
         async def attempt() -> None:
@@ -187,14 +178,14 @@ def _alive(pid: int) -> bool:
 
 async def test_workers_with_the_memory_store_exit_2_naming_server_workers(
         tmp_path: Path) -> None:
-    path = write_config(tmp_path / "relay.toml", config_text(free_port(), free_port()))
+    path = write_config(tmp_path / "relay.toml", config_text())
     for args in (["--config", str(path)], ["--config", str(path), "--workers", "3"]):
         result = await trio.run_process(
             [sys.executable, "-m", "relay", "serve", *args], env=env(),
             capture_stdout=True, capture_stderr=True, check=False)
         assert result.returncode == 2
         assert b"server.workers" in result.stderr and b'backend = "redis"' in result.stderr
-    one = write_config(tmp_path / "one.toml", config_text(free_port(), free_port(), workers=1))
+    one = write_config(tmp_path / "one.toml", config_text(workers=1))
     result = await trio.run_process(
         [sys.executable, "-m", "relay", "serve", "--config", str(one), "--workers", "2"],
         env=env(), capture_stdout=True, capture_stderr=True, check=False)

@@ -3,13 +3,14 @@
 The Pipecat side runs in its own venv, `.venv-interop` (pinned in requirements.txt beside
 this file, installed by `scripts/test`), so the core install stays light; the scripts it
 runs live in `bots/`. Each process listens on loopback only (bots bind port 0 and report
-the port; relay gets ports picked by binding port 0) and is killed by its PID in a
-`finally`. A bot or client reports to the test as JSON lines on stdout; its stderr
-(Pipecat's log) goes to a file whose tail is shown when something fails.
+the port; relay binds port 0 and its ports are read from its ready line, tests/processes.py)
+and is stopped by its PID in a `finally`. A bot or client reports to the test as JSON
+lines on stdout; its stderr (Pipecat's log) goes to a file whose tail is shown when
+something fails.
 
 Real processes mean real time. Every wait is bounded, generously for a loaded 2-core
 machine (importing Pipecat takes about 4 s on an idle one), and ends on an event: a
-reported line, a port that accepts, a process that exits. Nothing sleeps to let time pass.
+reported line, a process that exits. Nothing sleeps to let time pass.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import struct
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,6 +29,8 @@ from urllib.parse import urlsplit
 import attrs
 import pytest
 import trio
+from processes import relay_serve as serve
+from processes import tail
 from support import http
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
@@ -37,10 +38,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BOTS = Path(__file__).resolve().parent / "bots"
 START_BOUND = 90.0  # seconds for a process to import Pipecat or relay and listen
 CALL_BOUND = 120.0  # seconds for one whole exchange, start-up of the client included
-POLL = 0.05  # seconds between probes of a port that relay is about to listen on
 CLOSE_BOUND = 5.0  # seconds for a client's closing handshake
-START_ATTEMPTS = 3  # relay starts, in case a picked port was taken in the meantime
 PUBLIC_KEY = "pk_interop"
+PUBLIC_URL = "ws://relay.interop.test"  # relay's public_url: Relay.start puts ws_base in
 SECRET = "k1:interop-secret-of-at-least-thirty-two-bytes"
 
 
@@ -54,17 +54,6 @@ def interop_python() -> Path:
             "`bash scripts/test` creates .venv-interop and installs the pinned "
             "tests/interop/requirements.txt into it", pytrace=False)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def kill(process: trio.Process) -> None:
@@ -156,7 +145,11 @@ class Relay:
         return f"ws://127.0.0.1:{self.ws_port}"
 
     async def start(self, agent: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST /v1/public/{agent}/start; the JSON answer (asserting 200)."""
+        """POST /v1/public/{agent}/start; the JSON answer (asserting 200).
+
+        relay's ws port is not known when its config is written, so its public_url is
+        PUBLIC_URL; the answer's wsUrl must start with it, and has it replaced by ws_base.
+        """
         status, _, body = await http(
             "127.0.0.1", self.api_port, "POST", f"/v1/public/{agent}/start",
             headers=[("authorization", f"Bearer {PUBLIC_KEY}"),
@@ -164,15 +157,19 @@ class Relay:
             body=json.dumps(payload).encode())
         assert status == 200, f"/start answered {status}: {body!r}"
         answer: dict[str, Any] = json.loads(body)
+        if "wsUrl" in answer:
+            ws_url = answer["wsUrl"]
+            assert ws_url.startswith(PUBLIC_URL + "/"), ws_url
+            answer["wsUrl"] = self.ws_base + ws_url.removeprefix(PUBLIC_URL)
         return answer
 
 
-def relay_config(ws_port: int, api_port: int, agents: dict[str, dict[str, Any]]) -> str:
+def relay_config(agents: dict[str, dict[str, Any]]) -> str:
     lines = [
         "[server]",
-        f'ws_bind = ["127.0.0.1:{ws_port}"]',
-        f'api_bind = ["127.0.0.1:{api_port}"]',
-        f'public_url = "ws://127.0.0.1:{ws_port}"',
+        'ws_bind = ["127.0.0.1:0"]',
+        'api_bind = ["127.0.0.1:0"]',
+        f'public_url = "{PUBLIC_URL}"',
         f"public_keys = [{json.dumps(PUBLIC_KEY)}]",
         'secret_env = "RELAY_SECRET"',
         "close_timeout = 1",
@@ -183,47 +180,15 @@ def relay_config(ws_port: int, api_port: int, agents: dict[str, dict[str, Any]])
     return "\n".join(lines) + "\n"
 
 
-async def listening(port: int, process: trio.Process) -> bool:
-    """Poll until the port accepts (True) or the process has exited (False)."""
-    with trio.fail_after(START_BOUND):
-        while process.returncode is None:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(POLL)
-                continue
-            await stream.aclose()
-            return True
-    return False
-
-
 @asynccontextmanager
 async def relay_serve(tmp_path: Path, agents: dict[str, dict[str, Any]]) -> AsyncIterator[Relay]:
-    """`relay serve --config` (the core venv's relay) with these agents, on loopback.
-
-    Its ports are picked by binding port 0 and closing; another suite on the machine may
-    take one in between, so a relay that exits before listening is started again on new
-    ports (at most START_ATTEMPTS times).
-    """
+    """`relay serve --config` (the core venv's relay) with these agents, on loopback."""
     config = tmp_path / "relay.toml"
-    stderr = tmp_path / "relay.stderr.txt"
-    for _ in range(START_ATTEMPTS):
-        ws_port, api_port = free_port(), free_port()
-        config.write_text(relay_config(ws_port, api_port, agents), encoding="utf-8")
-        with stderr.open("wb") as err:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "relay", "serve", "--config", str(config)],
-                env={**os.environ, "RELAY_SECRET": SECRET},
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            if await listening(ws_port, process) and await listening(api_port, process):
-                yield Relay(process, ws_port, api_port, stderr)
-                return
-        finally:
-            kill(process)
-            with trio.move_on_after(10):
-                await process.wait()
-    raise AssertionError(f"relay serve exited before listening:\n{tail(stderr)}")
+    config.write_text(relay_config(agents), encoding="utf-8")
+    async with serve(config, tmp_path / "relay.stderr.txt",
+                     env={**os.environ, "RELAY_SECRET": SECRET},
+                     start_bound=START_BOUND) as served:
+        yield Relay(served.process, served.ws_port, served.api_port, served.stderr)
 
 
 @asynccontextmanager
