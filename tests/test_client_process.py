@@ -1,27 +1,29 @@
 """relay.client against `relay serve` as a real process: echo, a gateway restart, a killed
 bot, attempts running out, a bad public key.
 
-Real time is inherent here: readiness is a short poll of the ports under an overall bound,
-and reconnection policies use small delays with overall bounds (``trio.fail_after``).
-Ports are picked by binding port 0 and closing the socket; the config is written by the
-test; `RELAY_SECRET` is set so a restarted gateway verifies the same tokens. Every process
-started here is killed by PID in a `finally`.
+Real time is inherent here: readiness is the process's ready line under an overall bound
+(tests/processes.py), and reconnection policies use small delays with overall bounds
+(``trio.fail_after``). The config is written by the test; `RELAY_SECRET` is set so a
+restarted gateway verifies the same tokens. relay.client follows the wsUrl that /start
+answers, so public_url must name the real ws port before the first start: that port is
+picked by binding port 0 and closing (a start that loses it to another process is tried
+again on a new one); the API binds port 0. A restart reuses the ports of the first start.
+Every process started here is stopped by PID in a `finally`.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import attrs
 import pytest
 import trio
+from processes import NotReady, relay_serve
+from redis_server import free_port
 from support import BotServer, bot_server
 from trio_websocket import WebSocketConnection
 
@@ -36,26 +38,20 @@ from relay.client import (
 
 PK = "pk_process_test"
 SECRET = "k1:" + "s" * 40
-START_BOUND = 20.0  # seconds for a process to import and listen
-POLL = 0.05  # seconds between readiness probes
+START_ATTEMPTS = 3  # first starts, in case the picked ws port was taken in the meantime
 FAST = Reconnect(attempts=200, first_delay=0.1, factor=1.5, max_delay=0.5, jitter=0.25,
                  give_up_after=40)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @attrs.define
 class Gateway:
-    """One `relay serve` process at a time on fixed (free) ports, restartable."""
+    """One `relay serve` process at a time, restartable on the ports of its first start."""
 
     tmp_path: Path
     bot: str
-    ws_port: int = attrs.field(factory=free_port)
-    api_port: int = attrs.field(factory=free_port)
+    stack: AsyncExitStack
+    ws_port: int = 0  # 0 until the first start
+    api_port: int = 0
     process: trio.Process | None = None
     runs: int = 0
     agent: str = "demo"  # the agent the config file declares
@@ -69,12 +65,24 @@ class Gateway:
                        for p in sorted(self.tmp_path.glob("stderr-*.txt")))
 
     async def start(self) -> None:
+        if self.ws_port:
+            await self._start(self.ws_port, self.api_port)
+            return
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                await self._start(free_port(), 0)
+                return
+            except NotReady as error:
+                if error.status != 2 or attempt == START_ATTEMPTS:  # 2: a bind failed
+                    raise
+
+    async def _start(self, ws_port: int, api_port: int) -> None:
         config = self.tmp_path / "relay.toml"
         config.write_text(
             "[server]\n"
-            f'ws_bind = ["127.0.0.1:{self.ws_port}"]\n'
-            f'api_bind = ["127.0.0.1:{self.api_port}"]\n'
-            f'public_url = "ws://127.0.0.1:{self.ws_port}"\n'
+            f'ws_bind = ["127.0.0.1:{ws_port}"]\n'
+            f'api_bind = ["127.0.0.1:{api_port}"]\n'
+            f'public_url = "ws://127.0.0.1:{ws_port}"\n'
             f'public_keys = ["{PK}"]\n'
             "close_timeout = 1\n"
             f"[agents.{self.agent}]\n"
@@ -82,22 +90,12 @@ class Gateway:
             'websocket_auth = "token"\n'
             'bot_protocol = "pipecat-cloud"\n', encoding="utf-8")
         self.runs += 1
-        with (self.tmp_path / f"stderr-{self.runs}.txt").open("wb") as err:
-            self.process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "relay", "serve", "--config", str(config)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                env={**os.environ, "RELAY_SECRET": SECRET})
-        with trio.fail_after(START_BOUND):
-            for port in (self.ws_port, self.api_port):
-                while True:
-                    assert self.process.returncode is None, self.stderr()
-                    try:
-                        stream = await trio.open_tcp_stream("127.0.0.1", port)
-                    except OSError:
-                        await trio.sleep(POLL)
-                        continue
-                    await stream.aclose()
-                    break
+        served = await self.stack.enter_async_context(relay_serve(
+            config, self.tmp_path / f"stderr-{self.runs}.txt",
+            env={**os.environ, "RELAY_SECRET": SECRET}))
+        assert served.ws_port == ws_port, (served.ws_port, ws_port)
+        self.process, self.ws_port, self.api_port = (
+            served.process, served.ws_port, served.api_port)
 
     async def stop(self, signum: int = signal.SIGTERM) -> int:
         process = self.process
@@ -117,15 +115,10 @@ class Gateway:
 @asynccontextmanager
 async def served(tmp_path: Path, bot: str = "python:relay.echo:echo_bot"
                  ) -> AsyncIterator[Gateway]:
-    gateway = Gateway(tmp_path, bot)
-    try:
+    async with AsyncExitStack() as stack:  # stops every process started, by PID
+        gateway = Gateway(tmp_path, bot, stack)
         await gateway.start()
         yield gateway
-    finally:
-        gateway.kill()
-        if gateway.process is not None:
-            with trio.move_on_after(5):
-                await gateway.process.wait()
 
 
 async def upgrade_answer(port: int, path: str) -> bytes:
