@@ -81,7 +81,6 @@ async def stop(process: trio.Process) -> None:
         if process.returncode is not None:
             return
         try:
-            os.kill(process.pid, signal.SIGCONT)  # a stopped process would not act on it
             os.kill(process.pid, signum)
         except ProcessLookupError:
             return
