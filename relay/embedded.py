@@ -58,6 +58,7 @@ from .embedded_legs import InprocessAdapter, Leg, UpstreamRelay
 from .embedded_ws import close_ws
 from .errors import BotDialError
 from .handshake import Reject, Route, Upgrade, decide
+from .limits import REFUSAL_DETAILS
 from .registry import CancellableMember
 from .runtime import Runtime, SessionInfo
 from .session_log import SessionRecord, log_session
@@ -89,11 +90,18 @@ class EmbeddedConnection(CancellableMember):
 
     async def serve(self) -> None:
         self.rt.open_connections += 1
+        # Counted with relay's own listener's connections from the same address.
+        limited = self.rt.gate.open_upgraded(self.peer)
         try:
-            await self._serve()
+            if limited is not None:
+                self.rt.metrics.connection_refused(limited)
+                await self._reject(Reject(503, limited, REFUSAL_DETAILS[limited]))
+            else:
+                await self._serve()
         except Exception:
             log.exception("embedded connection from %s failed", self.peer)
         finally:
+            self.rt.gate.close(self.peer)
             self.rt.open_connections -= 1
             if self._agent is not None:
                 self.rt.registry.release(self, self._agent)

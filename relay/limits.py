@@ -136,6 +136,14 @@ class ConnectionGate:
         self.handshakes_total += 1
         return None
 
+    def open_upgraded(self, ip: str) -> str | None:
+        """Count a connection from ``ip`` whose upgrade another server has already read
+        (``Gateway.handle``): only ``max_connections_per_ip`` applies. Closed with
+        ``close`` like any other, refused or not."""
+        count = self.connections.get(ip, 0) + 1
+        self.connections[ip] = count
+        return TOO_MANY_FROM_IP if count > self.max_connections_per_ip else None
+
     def handshake_done(self, ip: str) -> None:
         """The upgrade request of an admitted connection from ``ip`` has been read."""
         count = self.handshakes.get(ip, 0)

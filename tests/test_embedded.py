@@ -591,3 +591,31 @@ async def test_empty_client_close_reaches_the_bot_empty() -> None:
             await ws.aclose(WireCloseReason.NO_STATUS_RCVD)
         await wait_closed(bot)
         assert bot.close_codes[-1] == 1005  # what an empty close reports
+
+
+async def test_connections_per_ip_over_the_limit_get_503_others_unaffected() -> None:
+    """max_connections_per_ip counts Gateway.handle's connections too (the handshake
+    limits are the app server's: it has read the request before handle is called)."""
+    config = make_config(server={"max_connections_per_ip": 2}, max_clients=10)
+    async with embedded(config) as app:
+        gate = app.gateway.rt.gate
+        with trio.fail_after(30):
+            async with open_websocket_url(app.url()) as one:
+                async with open_websocket_url(app.url()) as two:
+                    assert gate.connections.get("127.0.0.1") == 2
+                    rejected = await refused(app.url())
+                    assert rejected.status_code == 503
+                    assert rejected.body is not None
+                    assert json.loads(rejected.body)["code"] == "too_many_connections_per_ip"
+                    assert gate.connections.get("127.0.0.1") == 2  # the refused one is gone
+                    await two.send_message("still here")
+                    assert await two.get_message() == "still here"
+                await wait_until(lambda: gate.connections.get("127.0.0.1") == 1)
+                async with open_websocket_url(app.url()) as three:
+                    await three.send_message(b"\x01")
+                    assert await three.get_message() == b"\x01"
+                await one.send_message("and here")
+                assert await one.get_message() == "and here"
+        await wait_until(lambda: "127.0.0.1" not in gate.connections)
+    text = app.gateway.metrics.render()[0].decode()
+    assert 'relay_connections_refused_total{reason="too_many_connections_per_ip"} 1.0' in text

@@ -103,6 +103,20 @@ def test_gate_counts_connections_and_handshakes_per_ip() -> None:
     assert gate.connections == {} and gate.handshakes == {} and gate.handshakes_total == 0
 
 
+def test_gate_counts_already_upgraded_connections_with_the_rest() -> None:
+    """Gateway.handle's connections: counted per address with the listener's, no handshake."""
+    gate = ConnectionGate(max_connections_per_ip=2, max_handshakes=1, max_handshakes_per_ip=1)
+    assert gate.open("1.1.1.1") is None  # the listener's, handshaking (the one slot)
+    assert gate.open_upgraded("1.1.1.1") is None  # handle's: no handshake slot needed
+    assert gate.open_upgraded("1.1.1.1") == "too_many_connections_per_ip"  # 3 open
+    assert gate.open_upgraded("2.2.2.2") is None
+    assert gate.handshakes_total == 1
+    for ip in ["1.1.1.1"] * 3 + ["2.2.2.2"]:
+        gate.close(ip)
+    gate.handshake_done("1.1.1.1")
+    assert gate.connections == {} and gate.handshakes == {} and gate.handshakes_total == 0
+
+
 def test_gate_refuses_unbalanced_calls() -> None:
     gate = ConnectionGate(max_connections_per_ip=1, max_handshakes=1, max_handshakes_per_ip=1)
     with pytest.raises(ValueError, match="no connection"):
