@@ -256,20 +256,28 @@ async def logged(served: Any, marker: str) -> None:
         await trio.sleep(0.02)  # a separate process: nothing to wait on but its output
 
 
-async def test_relay_serve_log_format_json_writes_one_json_object_per_line(
-        tmp_path: Path) -> None:
+async def _serve_one_session(tmp_path: Path, reason: str, marker: str,
+                             *args: str) -> list[str]:
+    """`relay serve *args`: one echo session closed with 4321 and `reason`; once `marker`
+    is logged, SIGTERM (exit 0). Its stderr's lines."""
     from test_serve_process import echo_url, serving
 
-    async with serving(tmp_path, "--log-format", "json") as served:
+    async with serving(tmp_path, *args) as served:
         with trio.fail_after(30):
             async with open_client(echo_url(served)) as ws:
                 await ws.send_message("hi")
                 assert await ws.get_message() == "hi"
-                await ws.aclose(4321, "line1\nline2")
-            await logged(served, "session_ended")
+                await ws.aclose(4321, reason)
+            await logged(served, marker)
             served.process.send_signal(signal.SIGTERM)
             assert await served.process.wait() == 0
-        lines = served.stderr_text().splitlines()
+        return served.stderr_text().splitlines()
+
+
+async def test_relay_serve_log_format_json_writes_one_json_object_per_line(
+        tmp_path: Path) -> None:
+    lines = await _serve_one_session(tmp_path, "line1\nline2", "session_ended",
+                                     "--log-format", "json")
     entries = [json.loads(line) for line in lines]  # every line is JSON
     ended = [e for e in entries if e.get("event") == "session_ended"]
     assert len(ended) == 1, lines
@@ -279,18 +287,8 @@ async def test_relay_serve_log_format_json_writes_one_json_object_per_line(
 
 
 async def test_relay_serve_logs_sessions_as_text_by_default(tmp_path: Path) -> None:
-    from test_serve_process import echo_url, serving
-
-    async with serving(tmp_path) as served:
-        with trio.fail_after(30):
-            async with open_client(echo_url(served)) as ws:
-                await ws.send_message("hi")
-                assert await ws.get_message() == "hi"
-                await ws.aclose(4321, "line1\nsession ended id=forged")
-            await logged(served, "session ended")
-            served.process.send_signal(signal.SIGTERM)
-            assert await served.process.wait() == 0
-        lines = served.stderr_text().splitlines()
+    lines = await _serve_one_session(tmp_path, "line1\nsession ended id=forged",
+                                     "session ended")
     ended = [line for line in lines if "session ended" in line]
     assert len(ended) == 1, lines
     prefix, _, text = ended[0].partition(" relay.sessions: ")
