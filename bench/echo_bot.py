@@ -52,52 +52,42 @@ def server_header(b0: int, n: int) -> bytes:
     return bytes((b0, 127)) + n.to_bytes(8, "big")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--port-file", help="write the bound port here once listening")
-    args = ap.parse_args()
+class EchoServer:
+    """The bot's side of a listening socket, driven by someone else's epoll loop.
 
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lsock.bind((args.host, args.port))
-    lsock.listen(4096)
-    lsock.setblocking(False)
-    port = lsock.getsockname()[1]
+    `echo_bot.py` runs it alone; `loadgen.py --bot-port` runs it inside the load
+    generator's own loop, so the harness core holds one process, not two that
+    time-share it (see bench/README.md).
+    """
 
-    ep = select.epoll()
-    ep.register(lsock.fileno(), EPOLLIN)
-    conns: dict[int, Conn] = {}
-    lfd = lsock.fileno()
-    rbuf = bytearray(RECV_SIZE)  # one pre-sized receive buffer shared by all connections
-    rview = memoryview(rbuf)
+    def __init__(self, ep: select.epoll, lsock: socket.socket) -> None:
+        self.ep = ep
+        self.lsock = lsock
+        self.lfd = lsock.fileno()
+        self.conns: dict[int, Conn] = {}
+        self.rbuf = bytearray(RECV_SIZE)  # one receive buffer shared by all connections
+        self.rview = memoryview(self.rbuf)
+        ep.register(self.lfd, EPOLLIN)
 
-    running = True
-
-    def stop(_signo: int, _frame: object) -> None:
-        nonlocal running
-        running = False
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-
-    if args.port_file:
-        tmp = args.port_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{port}\n")
-        os.replace(tmp, args.port_file)
-    print(f"echo_bot listening on {args.host}:{port} pid {os.getpid()}", flush=True)
-
-    def drop(c: Conn) -> None:
-        conns.pop(c.fd, None)
+    def close(self) -> None:
+        for c in list(self.conns.values()):
+            c.sock.close()
+        self.conns.clear()
         try:
-            ep.unregister(c.fd)
+            self.ep.unregister(self.lfd)
+        except (OSError, ValueError):
+            pass
+        self.lsock.close()
+
+    def drop(self, c: Conn) -> None:
+        self.conns.pop(c.fd, None)
+        try:
+            self.ep.unregister(c.fd)
         except (OSError, ValueError):
             pass
         c.sock.close()
 
-    def write(c: Conn, data: bytes) -> None:
+    def write(self, c: Conn, data: bytes) -> None:
         if c.out:
             c.out += data
             return
@@ -106,36 +96,36 @@ def main() -> int:
         except BlockingIOError:
             sent = 0
         except OSError:
-            drop(c)
+            self.drop(c)
             return
         if sent < len(data):
             c.out = data[sent:]
-            ep.modify(c.fd, EPOLLIN | EPOLLOUT)
+            self.ep.modify(c.fd, EPOLLIN | EPOLLOUT)
         elif c.closing:
-            drop(c)
+            self.drop(c)
 
-    def flush(c: Conn) -> None:
+    def flush(self, c: Conn) -> None:
         try:
             sent = c.sock.send(c.out)
         except BlockingIOError:
             return
         except OSError:
-            drop(c)
+            self.drop(c)
             return
         c.out = c.out[sent:]
         if not c.out:
             if c.closing:
-                drop(c)
+                self.drop(c)
                 return
-            ep.modify(c.fd, EPOLLIN)
+            self.ep.modify(c.fd, EPOLLIN)
 
-    def handshake(c: Conn, data: bytes) -> bytes | None:
+    def handshake(self, c: Conn, data: bytes) -> bytes | None:
         """Consume the upgrade request; returns the bytes after it, or None if incomplete."""
         end = data.find(b"\r\n\r\n")
         if end < 0:
             if len(data) > MAX_HEADER:
                 c.sock.send(b"HTTP/1.1 431 Too Large\r\nContent-Length: 0\r\n\r\n")
-                drop(c)
+                self.drop(c)
             return None
         key = None
         for line in data[:end].split(b"\r\n")[1:]:
@@ -144,10 +134,10 @@ def main() -> int:
                 key = value.strip()
         if not key:
             c.sock.send(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-            drop(c)
+            self.drop(c)
             return None
         accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
-        write(
+        self.write(
             c,
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n",
@@ -155,7 +145,7 @@ def main() -> int:
         c.ws = True
         return data[end + 4 :]
 
-    def frames(c: Conn, data: bytes | memoryview) -> None:
+    def frames(self, c: Conn, data: bytes | memoryview) -> None:
         """Echo every complete frame in `data`; keep the partial tail in c.pending."""
         L = len(data)
         pos = 0
@@ -212,9 +202,105 @@ def main() -> int:
             pos = end
         c.pending = bytes(data[pos:]) if pos < L and not c.closing else b""
         if out:
-            write(c, b"".join(out))
+            self.write(c, b"".join(out))
         elif c.closing and not c.out:
-            drop(c)
+            self.drop(c)
+
+    def accept_all(self) -> None:
+        while True:
+            try:
+                s, _ = self.lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE etc.: try again on the next event
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    print(f"echo_bot: accept: {e}", file=sys.stderr, flush=True)
+                return
+            s.setblocking(False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            c = Conn(s)
+            self.conns[c.fd] = c
+            self.ep.register(c.fd, EPOLLIN)
+
+    def handle(self, fd: int, ev: int) -> bool:
+        """Serve one epoll event; False if `fd` is not one of ours."""
+        if fd == self.lfd:
+            self.accept_all()
+            return True
+        c = self.conns.get(fd)
+        if c is None:
+            return False
+        if ev & EPOLLOUT:
+            self.flush(c)
+            if c.fd not in self.conns:
+                return True
+        if ev & (EPOLLIN | EPOLLERRS):
+            try:
+                n = c.sock.recv_into(self.rbuf)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                self.drop(c)
+                return True
+            if n == 0:
+                self.drop(c)
+                return True
+            if c.closing:
+                return True  # ignore anything after the close frame
+            if c.pending:
+                data: bytes | memoryview = c.pending + self.rview[:n]
+            else:
+                data = self.rview[:n]
+            if not c.ws:
+                rest = self.handshake(c, bytes(data))
+                if rest is None:
+                    if c.fd in self.conns and not c.ws:
+                        c.pending = bytes(data)
+                    return True
+                c.pending = b""
+                data = rest
+                if not data:
+                    return True
+            self.frames(c, data)
+        return True
+
+
+def listen(host: str, port: int) -> socket.socket:
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind((host, port))
+    lsock.listen(4096)
+    lsock.setblocking(False)
+    return lsock
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--port-file", help="write the bound port here once listening")
+    args = ap.parse_args()
+
+    lsock = listen(args.host, args.port)
+    port = lsock.getsockname()[1]
+    ep = select.epoll()
+    server = EchoServer(ep, lsock)
+
+    running = True
+
+    def stop(_signo: int, _frame: object) -> None:
+        nonlocal running
+        running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    if args.port_file:
+        tmp = args.port_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{port}\n")
+        os.replace(tmp, args.port_file)
+    print(f"echo_bot listening on {args.host}:{port} pid {os.getpid()}", flush=True)
 
     try:
         while running:
@@ -223,61 +309,9 @@ def main() -> int:
             except InterruptedError:
                 continue
             for fd, ev in events:
-                if fd == lfd:
-                    while True:
-                        try:
-                            s, _ = lsock.accept()
-                        except (BlockingIOError, InterruptedError):
-                            break
-                        except OSError as e:  # EMFILE etc.: try again on the next event
-                            if e.errno in (errno.EMFILE, errno.ENFILE):
-                                print(f"echo_bot: accept: {e}", file=sys.stderr, flush=True)
-                            break
-                        s.setblocking(False)
-                        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                        c = Conn(s)
-                        conns[c.fd] = c
-                        ep.register(c.fd, EPOLLIN)
-                    continue
-                c = conns.get(fd)
-                if c is None:
-                    continue
-                if ev & EPOLLOUT:
-                    flush(c)
-                    if c.fd not in conns:
-                        continue
-                if ev & (EPOLLIN | EPOLLERRS):
-                    try:
-                        n = c.sock.recv_into(rbuf)
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except OSError:
-                        drop(c)
-                        continue
-                    if n == 0:
-                        drop(c)
-                        continue
-                    if c.closing:
-                        continue  # ignore anything after the close frame
-                    if c.pending:
-                        data: bytes | memoryview = c.pending + rview[:n]
-                    else:
-                        data = rview[:n]
-                    if not c.ws:
-                        rest = handshake(c, bytes(data))
-                        if rest is None:
-                            if c.fd in conns and not c.ws:
-                                c.pending = bytes(data)
-                            continue
-                        c.pending = b""
-                        data = rest
-                        if not data:
-                            continue
-                    frames(c, data)
+                server.handle(fd, ev)
     finally:
-        for c in list(conns.values()):
-            c.sock.close()
-        lsock.close()
+        server.close()
         ep.close()
     return 0
 

@@ -12,6 +12,9 @@ settles, reads it again and prints one JSON line:
 
 Then it closes every session (close 1000) and exits. Loopback only.
 
+With --bot-port P it is also the upstream echo bot on 127.0.0.1:P, in its own epoll
+loop (echo_bot.EchoServer), so the harness core holds one process, not two.
+
 Usage: idle.py --url ws://127.0.0.1:PORT/path --pid PID[,PID] [--sessions 1000]
 """
 
@@ -29,15 +32,27 @@ import time
 from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from echo_bot import EchoServer, listen
 from loadgen import expand_children, read_cpu_ticks, read_rss_kib
 
 
-def settle(pids: list[int], limit: float = 5.0) -> int:
+def serve_for(ep: select.epoll, bot: EchoServer | None, seconds: float) -> None:
+    """Wait `seconds`, answering the bot's connections meanwhile (if we are the bot)."""
+    if bot is None:
+        time.sleep(seconds)
+        return
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        for fd, ev in ep.poll(left):
+            bot.handle(fd, ev)
+
+
+def settle(pids: list[int], ep: select.epoll, bot: EchoServer | None, limit: float = 5.0) -> int:
     """RSS once two reads 0.3 s apart agree within 64 KiB (or after `limit` seconds)."""
     last = read_rss_kib(expand_children(pids))
     end = time.monotonic() + limit
     while time.monotonic() < end:
-        time.sleep(0.3)
+        serve_for(ep, bot, 0.3)
         now = read_rss_kib(expand_children(pids))
         if abs(now - last) <= 64:
             return now
@@ -53,6 +68,7 @@ def main() -> int:
     ap.add_argument("--inflight", type=int, default=32, help="concurrent handshakes")
     ap.add_argument("--timeout", type=float, default=60.0, help="for all set-ups, s")
     ap.add_argument("--label", default="")
+    ap.add_argument("--bot-port", type=int, default=0, help="also be the echo bot on this port")
     args = ap.parse_args()
     u = urlsplit(args.url)
     if u.scheme != "ws" or u.hostname not in ("127.0.0.1", "localhost"):
@@ -61,12 +77,13 @@ def main() -> int:
     path = (u.path or "/") + (("?" + u.query) if u.query else "")
     pids = [int(p) for p in args.pid.split(",") if p.strip()]
 
-    rss0 = settle(pids)
+    ep = select.epoll()
+    bot = EchoServer(ep, listen("127.0.0.1", args.bot_port)) if args.bot_port else None
+    rss0 = settle(pids, ep, bot)
     key = base64.b64encode(os.urandom(16))
     request = (b"GET " + path.encode() + b" HTTP/1.1\r\nHost: " + f"{addr[0]}:{addr[1]}".encode()
                + b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: " + key
                + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
-    ep = select.epoll()
     open_socks: list[socket.socket] = []
     waiting: dict[int, tuple[socket.socket, bytearray]] = {}
     started = failed = 0
@@ -82,7 +99,11 @@ def main() -> int:
             ep.register(s.fileno(), select.EPOLLIN)
             waiting[s.fileno()] = (s, bytearray())
             started += 1
-        for fd, _ in ep.poll(0.5):
+        for fd, ev in ep.poll(0.5):
+            if fd not in waiting:
+                if bot is not None:
+                    bot.handle(fd, ev)
+                continue
             s, head = waiting[fd]
             try:
                 chunk = s.recv(4096)
@@ -99,7 +120,7 @@ def main() -> int:
                     s.close()
     elapsed = time.monotonic() - t0
     setup_cpu_s = (read_cpu_ticks(targets) - ticks0) / os.sysconf("SC_CLK_TCK")
-    rss1 = settle(pids)
+    rss1 = settle(pids, ep, bot)
     n = len(open_socks)
     print(json.dumps({
         "label": args.label, "sessions": n, "failed": failed + len(waiting),
@@ -114,9 +135,12 @@ def main() -> int:
             s.send(close)
         except OSError:
             pass
-    time.sleep(0.5)
+    serve_for(ep, bot, 0.5)
     for s in open_socks:
         s.close()
+    if bot is not None:
+        serve_for(ep, bot, 0.2)
+        bot.close()
     return 0 if n == args.sessions else 1
 
 

@@ -13,6 +13,10 @@ a time), warmup, measure (--duration s), drain (wait for the outstanding echoes)
 close (close frame 1000, wait for the reply). Every session sends one message per
 1/--rate s; the N sessions are phase-shifted evenly over that period.
 
+With --bot-port P it is also the upstream echo bot: it listens on 127.0.0.1:P and
+serves the target's connections to the bot in the same epoll loop (echo_bot.EchoServer),
+so the harness core runs one process instead of two that time-share it.
+
 During the measure window it samples utime+stime of the processes given with
 --cpu-pid NAME=PID[,PID...] (children included) from /proc/<pid>/stat.
 
@@ -35,6 +39,9 @@ import sys
 import time
 from array import array
 from urllib.parse import urlsplit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from echo_bot import EchoServer, listen
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 PREFIX = struct.Struct("<IIQ")  # session id, sequence, send time (monotonic ns)
@@ -193,6 +200,12 @@ def main() -> int:
         help="0: event driven; >0: wake at most every T us and batch (cheaper, RTT +<=T)",
     )
     ap.add_argument("--label", default="")
+    ap.add_argument(
+        "--bot-port",
+        type=int,
+        default=0,
+        help="also be the upstream echo bot on 127.0.0.1:PORT (same process, same loop)",
+    )
     args = ap.parse_args()
     if args.size < 16:
         ap.error("--size must be >= 16")
@@ -217,6 +230,7 @@ def main() -> int:
     sessions = [Session(i, size, filler_plain) for i in range(N)]
     fd2s: dict[int, Session] = {}
     ep = select.epoll()
+    bot = EchoServer(ep, listen("127.0.0.1", args.bot_port)) if args.bot_port else None
     errors: dict[str, int] = {}
 
     def note_error(kind: str) -> None:
@@ -335,6 +349,8 @@ def main() -> int:
         for fd, ev in ep.poll(0.005):
             s = fd2s.get(fd)
             if s is None:
+                if bot is not None:
+                    bot.handle(fd, ev)
                 continue
             if s.state == CONNECTING:
                 if ev & (EPOLLOUT | EPOLLERRS):
@@ -505,6 +521,8 @@ def main() -> int:
         for fd, ev in events:
             s = fd2s.get(fd)
             if s is None:
+                if bot is not None:
+                    bot.handle(fd, ev)
                 continue
             if ev & EPOLLOUT and s.wbuf:
                 on_write(s)
@@ -612,6 +630,8 @@ def main() -> int:
     for s in sessions:
         if s.sock is not None:
             kill(s, DONE if s.state in (OPEN, CLOSING, DONE) else FAILED)
+    if bot is not None:
+        bot.close()
     ep.close()
 
     # --------------------------------------------------------------- report
@@ -686,6 +706,7 @@ def main() -> int:
     result = {
         "label": args.label,
         "url": args.url,
+        "bot_in_loadgen": bot is not None,
         "sessions": N,
         "sessions_open": n_live,
         "sessions_failed": failed,
