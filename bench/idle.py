@@ -24,6 +24,7 @@ import argparse
 import base64
 import json
 import os
+import resource
 import select
 import socket
 import struct
@@ -89,6 +90,7 @@ def main() -> int:
     started = failed = 0
     targets = expand_children(pids)
     ticks0 = read_cpu_ticks(targets)
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.monotonic()
     deadline = t0 + args.timeout
     while (len(open_socks) + failed < args.sessions) and time.monotonic() < deadline:
@@ -119,6 +121,8 @@ def main() -> int:
                     failed += 1
                     s.close()
     elapsed = time.monotonic() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    own_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     setup_cpu_s = (read_cpu_ticks(targets) - ticks0) / os.sysconf("SC_CLK_TCK")
     rss1 = settle(pids, ep, bot)
     n = len(open_socks)
@@ -128,6 +132,8 @@ def main() -> int:
         "kib_per_session": round((rss1 - rss0) / n, 1) if n else None,
         "setups_per_s": round(n / elapsed, 1) if elapsed > 0 else None,
         "cpu_us_per_setup": round(setup_cpu_s / n * 1e6) if n else None,
+                # This harness (and the bot, with --bot-port) near 100 %: the rate is ours.
+                "harness_cpu_pct": round(100 * own_s / elapsed, 1) if elapsed > 0 else None,
     }), flush=True)
     close = struct.pack("!BB", 0x88, 0x82) + b"\0\0\0\0" + struct.pack("!H", 1000)
     for s in open_socks:

@@ -103,7 +103,7 @@ def print_idle(idle: list[dict[str, Any]]) -> None:
 
     print(f"{'target':7s} {'idle sessions':>13s} {'KiB/session':>11s} {'x nginx':>7s} "
           f"{'x floor':>7s} {'set-ups/s':>9s} {'x nginx':>7s} {'x floor':>7s} "
-          f"{'CPU us/set-up':>13s} {'x nginx':>7s} {'failed':>6s}")
+          f"{'CPU us/set-up':>13s} {'x nginx':>7s} {'harness%':>8s} {'failed':>6s}")
     for r in sorted(idle, key=lambda r: ORDER.get(r["target"], 9)):
         kib, ups, cpu = r.get("kib_per_session"), r.get("setups_per_s"), r.get("cpu_us_per_setup")
         print(f"{r['target']:7s} {r['sessions']:13d} {fmt(kib, '.1f'):>11s} "
@@ -111,11 +111,14 @@ def print_idle(idle: list[dict[str, Any]]) -> None:
               f"{ratio(kib, 'kib_per_session', 'floor'):>7s} {fmt(ups, '.0f'):>9s} "
               f"{ratio(ups, 'setups_per_s', 'nginx'):>7s} "
               f"{ratio(ups, 'setups_per_s', 'floor'):>7s} {fmt(cpu, '.0f'):>13s} "
-              f"{ratio(cpu, 'cpu_us_per_setup', 'nginx'):>7s} {r.get('failed', 0):6d}")
+              f"{ratio(cpu, 'cpu_us_per_setup', 'nginx'):>7s} "
+              f"{fmt(r.get('harness_cpu_pct'), '.0f'):>8s} {r.get('failed', 0):6d}")
     print("KiB/session: (target RSS with N idle sessions open - RSS with none) / N, fresh")
     print("process. set-ups/s: N upgrades (<= 32 in flight) / time until all were answered;")
     print("a CPU-bound figure: compare it with nginx's in the same run, on quiet cores only.")
     print("CPU us/set-up: the target's CPU (10 ms ticks) while the N were opened, over N.")
+    print("harness%: idle.py's own CPU then (it is the bot too); near 100 the rate it gives")
+    print("is the harness's, not the target's: read CPU us/set-up instead.")
     print("x floor: over bench/trio_floor.py's, the least this design costs (bench/README.md).")
 
 
