@@ -48,8 +48,9 @@ _DETAIL = {
     "not_yet_valid": "The token is not valid yet (clock skew?).",
     "wrong_scope": "The token was issued for another agent or organization.",
     "replayed": "The token was already used; tokens are one-time. Call /start again.",
-    "unverifiable": "The token was issued before this gateway restarted, so its one-time "
-                    "use cannot be checked. Call /start again.",
+    "unverifiable": "The token was issued before this gateway (or its Redis store) "
+                    "restarted and forgot which tokens were used, so its one-time use "
+                    "cannot be checked. Call /start again.",
     "body_unavailable": "The body held for this token is no longer available. "
                         "Call /start again.",
 }

@@ -141,7 +141,7 @@ def _make_store(config: Config, metrics: Metrics, wall_clock: Callable[[], float
         from .store.redis import RedisStore  # coredis takes ~0.5 s to import: only if used
 
         redis = RedisStore(config.store.url, key_prefix=config.store.key_prefix,
-                           on_state=metrics.store_state)
+                           on_state=metrics.store_state, wall_clock=wall_clock)
         fleet = FleetRegistry(redis, lease_ttl=config.store.lease_ttl, agents=config.agents,
                               wall_clock=wall_clock)
         ops = FleetOperations(fleet, LocalOperations(fleet, wall_clock, fleet.name))

@@ -37,7 +37,7 @@ def fresh_prefix() -> str:
 class RedisServer:
     """One redis-server process on 127.0.0.1:``port``; ``stop`` / ``start`` keep the port."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, persistent: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed: run scripts/test (as root it installs "
@@ -47,6 +47,10 @@ class RedisServer:
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        # persistent: AOF, every write fsynced, so even a kill keeps every key; otherwise
+        # no persistence at all, and a restart comes back empty
+        self.persistence = (["--appendonly", "yes", "--appendfsync", "always"] if persistent
+                            else ["--appendonly", "no"])
 
     @property
     def url(self) -> str:
@@ -58,7 +62,7 @@ class RedisServer:
         log = self.directory / f"redis-{self.starts}.log"
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.directory), "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory), "--save", "", *self.persistence,
              "--logfile", str(log), "--daemonize", "no", "--protected-mode", "yes",
              "--maxmemory-policy", "noeviction"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -85,8 +89,8 @@ class RedisServer:
         process.wait(timeout=STOP_BOUND)
 
 
-def started(directory: Path) -> Iterator[RedisServer]:
-    server = RedisServer(directory)
+def started(directory: Path, *, persistent: bool = False) -> Iterator[RedisServer]:
+    server = RedisServer(directory, persistent=persistent)
     server.start()
     try:
         yield server

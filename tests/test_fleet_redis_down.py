@@ -3,7 +3,8 @@
 While Redis is down: /start is 503 store_unavailable, a token upgrade is 503 (never accepted
 unverified), auth-none agents keep admitting and relaying, live sessions are not cut and
 lose nothing, /health says "store": "down" and relay_store_up is 0. Once Redis is back the
-same process recovers by itself (no restart).
+same process recovers by itself (no restart); a Redis that came back empty has forgotten
+which tokens were used, so tokens issued before are refused 403 unverifiable.
 """
 
 from __future__ import annotations
@@ -89,6 +90,14 @@ async def test_redis_stops_and_starts_live_sessions_untouched_and_recovery_witho
 
                 await until_store(a, "up")
                 assert await a.metric("relay_store_up") == 1.0
+                # What the empty Redis forgot is never honoured: the token in use before the
+                # restart (its replay would have replaced tok_ws) and one minted then, unused.
+                for old in (live, unused):
+                    status, head = await upgrade_status(a.ws_port, token_path(a, old),
+                                                        old["token"])
+                    assert status == 403 and b'"unverifiable"' in head, head
+                assert await a.metric(
+                    'relay_token_refusals_total{reason="unverifiable"}') == 2.0
                 status, fresh = await a.start("tok", {"transport": "websocket",
                                                       "body": {"after": True}})
                 assert status == 200, fresh

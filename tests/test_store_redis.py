@@ -32,7 +32,9 @@ async def store(request: pytest.FixtureRequest,
     if request.param == "memory":
         yield MemoryStore()
         return
-    redis_store = RedisStore(redis_server.url, key_prefix=fresh_prefix())
+    # the store's clock is the tests' (T0): its epoch is written in it
+    redis_store = RedisStore(redis_server.url, key_prefix=fresh_prefix(),
+                             wall_clock=lambda: T0)
     async with trio.open_nursery() as nursery:
         await nursery.start(redis_store.run)
         yield redis_store
@@ -136,8 +138,8 @@ async def test_racing_upgrades_get_exactly_one_ok(store: Store) -> None:
 
 async def test_two_instances_one_token_one_body(redis_server: RedisServer) -> None:  # noqa: F811
     prefix = fresh_prefix()
-    a = RedisStore(redis_server.url, key_prefix=prefix)
-    b = RedisStore(redis_server.url, key_prefix=prefix)
+    a = RedisStore(redis_server.url, key_prefix=prefix, wall_clock=lambda: T0)
+    b = RedisStore(redis_server.url, key_prefix=prefix, wall_clock=lambda: T0)
     results: list[ConsumeResult] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
@@ -165,31 +167,112 @@ async def test_two_instances_one_token_one_body(redis_server: RedisServer) -> No
 async def test_every_key_has_the_prefix_and_an_expiry(
         redis_server: RedisServer) -> None:  # noqa: F811
     prefix = fresh_prefix()
-    store = RedisStore(redis_server.url, key_prefix=prefix)
     now = time.time()
+    store = RedisStore(redis_server.url, key_prefix=prefix, wall_clock=lambda: now)
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         await store.put_session("pending", b"{}", now + 300, now=now)
         await store.put_session("used", None, now + 300, now=now)
         await store.consume("used", now, expires_at=now + 300)
-        await store.reserve("minted", now, expires_at=now + 120)
+        await store.reserve("minted", now, expires_at=now + 300)
+        # issued 3 minutes before the store began: may have been used, so no key is written
+        assert await store.reserve("older", now, expires_at=now + 120) == \
+            ConsumeResult("unverifiable")
         async with coredis.Redis.from_url(redis_server.url) as raw:
             keys = sorted([k async for k in raw.scan_iter(match=f"{prefix}*")])
-            assert keys == sorted(f"{prefix}{kind}:{{{sid}}}".encode() for kind, sid in
-                                  [("s", "pending"), ("m", "used"), ("m", "minted")])
+            assert keys == sorted([f"{prefix}epoch".encode()] + [
+                f"{prefix}{kind}:{{{sid}}}".encode() for kind, sid in
+                [("s", "pending"), ("m", "used"), ("m", "minted")]])
             ttls = {k: await raw.pttl(k) for k in keys}
+            epoch = float(await raw.get(f"{prefix}epoch") or b"nan")
         nursery.cancel_scope.cancel()
-    # each key expires with its token, not earlier and not later
-    assert ttls[f"{prefix}m:{{minted}}".encode()] in range(110_000, 120_001)
+    # each token's key expires with its token, not earlier and not later
+    assert ttls[f"{prefix}m:{{minted}}".encode()] in range(290_000, 300_001)
     assert ttls[f"{prefix}s:{{pending}}".encode()] in range(290_000, 300_001)
     assert ttls[f"{prefix}m:{{used}}".encode()] in range(290_000, 300_001)
+    # the one key without an expiry: since when this Redis remembers uses (the store's
+    # start, on its clock)
+    assert ttls[f"{prefix}epoch".encode()] == -1
+    assert epoch == pytest.approx(now, abs=1e-5)
+
+
+async def back_up(store: RedisStore) -> bool:
+    """Whether the store answers again after a restart: the first command may still meet
+    the connection the old server dropped (answered "unavailable"); the next reconnects."""
+    for _ in range(3):
+        if await store.healthy():
+            return True
+    return False
+
+
+async def test_a_redis_that_lost_its_data_never_honours_a_used_token_again(
+        tmp_path: Path) -> None:
+    # The finding: a Redis restarted without persistence forgot its markers, and a token
+    # used before the restart, still inside its 5 minutes, was accepted once more. Now the
+    # lost epoch key says the Redis forgot: tokens from before it are "unverifiable".
+    clock = [T0]
+    for server in started(tmp_path):  # --save "" --appendonly no: a restart empties it
+        store = RedisStore(server.url, key_prefix=fresh_prefix(), wall_clock=lambda: clock[0])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await store.put_session("with-body", b'{"n":1}', EXP, now=T0)
+            assert await store.consume("used", T0, expires_at=EXP) == ConsumeResult("ok")
+            assert await store.consume("used", T0, expires_at=EXP) == \
+                ConsumeResult("replayed")
+            server.stop()
+            clock[0] = later = T0 + 10.0
+            server.start()
+            assert await back_up(store)
+            # used before the restart: refused, and refused again (nothing was burned)
+            for _ in range(2):
+                assert await store.consume("used", later, expires_at=EXP) == \
+                    ConsumeResult("unverifiable")
+                assert await store.reserve("used", later, expires_at=EXP) == \
+                    ConsumeResult("unverifiable")
+            assert not await store.is_consumed("used", later)
+            # its body went with the data: the token says so, and is refused as before
+            assert await store.consume("with-body", later, expires_at=EXP, with_body=True) \
+                == ConsumeResult("body_unavailable")
+            # tokens issued since are fine, with or without a held body, once each
+            fresh_exp = later + 300.0
+            await store.put_session("fresh", b'{"n":2}', fresh_exp, now=later)
+            assert await store.consume("fresh", later, expires_at=fresh_exp,
+                                       with_body=True) == ConsumeResult("ok", b'{"n":2}')
+            assert await store.consume("minted", later, expires_at=fresh_exp) == \
+                ConsumeResult("ok")
+            assert await store.consume("minted", later, expires_at=fresh_exp) == \
+                ConsumeResult("replayed")
+            # no grace: one issued a moment before the epoch is refused too
+            assert await store.consume("edge", later, expires_at=later - 0.01 + 300.0) == \
+                ConsumeResult("unverifiable")
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_epoch_survives_a_restart_with_persistence(tmp_path: Path) -> None:
+    # With AOF on, Redis keeps the markers and the epoch: nothing is refused.
+    for server in started(tmp_path, persistent=True):
+        store = RedisStore(server.url, key_prefix=fresh_prefix(), wall_clock=lambda: T0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            assert await store.consume("used", T0, expires_at=EXP) == ConsumeResult("ok")
+            unused_exp = T0 + 300.0
+            server.stop()
+            server.start()
+            assert await back_up(store)
+            later = T0 + 10.0
+            assert await store.consume("used", later, expires_at=EXP) == \
+                ConsumeResult("replayed")
+            assert await store.consume("unused", later, expires_at=unused_exp) == \
+                ConsumeResult("ok")
+            nursery.cancel_scope.cancel()
 
 
 async def test_redis_down_is_unavailable_then_the_same_store_recovers(
         tmp_path: Path) -> None:
     changes: list[bool] = []
     for server in started(tmp_path):
-        store = RedisStore(server.url, key_prefix=fresh_prefix(), on_state=changes.append)
+        store = RedisStore(server.url, key_prefix=fresh_prefix(), on_state=changes.append,
+                           wall_clock=lambda: T0)
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             assert store.up
@@ -212,7 +295,7 @@ async def test_redis_down_is_unavailable_then_the_same_store_recovers(
 
 async def test_store_that_starts_while_redis_is_down_recovers(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)  # port chosen, nothing listening yet
-    store = RedisStore(server.url, key_prefix=fresh_prefix())
+    store = RedisStore(server.url, key_prefix=fresh_prefix(), wall_clock=lambda: T0)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)  # starts anyway: token paths answer 503
@@ -260,7 +343,8 @@ async def test_an_answer_too_late_is_unavailable_and_never_read_as_the_next_one(
     # answer must not be taken as the answer to a later call (which would hand a body,
     # or "ok", to the wrong upgrade).
     prefix = fresh_prefix()
-    store = RedisStore(redis_server.url, key_prefix=prefix, op_timeout=0.3)
+    store = RedisStore(redis_server.url, key_prefix=prefix, op_timeout=0.3,
+                       wall_clock=lambda: T0)
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         for i in range(4):

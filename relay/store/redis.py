@@ -11,11 +11,18 @@ share a slot on a Redis Cluster):
 
     P s:{id}   hash  e = token expiry, b = held body (absent: none)    expires with the token
     P m:{id}   str   "r:<expiry>" reserved / "c:<expiry>" consumed     expires with the token
+    P epoch    str   unix second this Redis began remembering uses     never
 
-Every key is written with an expiry (``PX``), so nothing outlives its token. The store's
-size is bounded by Redis itself: run it with ``maxmemory`` and ``maxmemory-policy
-noeviction`` (an evicting policy could forget a used token early); a write Redis refuses
-for memory is answered as ``StoreUnavailable``.
+Every per-token key is written with an expiry (``PX``), so nothing outlives its token.
+``P epoch`` is written when it is missing, by the store's start, its health check (every
+``HEALTH_INTERVAL``) or any token operation (in the same script), whichever comes first: on
+a new Redis, or on one that restarted without persistence (or was flushed) and so forgot
+which tokens were used. A token with no session key that was issued before the epoch may
+have been used already, and nothing can say: it is refused as "unverifiable", never
+honoured, as ``MemoryStore(remembers_since=...)`` refuses tokens from before a process
+restart. The store's size is bounded by Redis itself: run it with ``maxmemory`` and
+``maxmemory-policy noeviction`` (an evicting policy could forget a used token early); a
+write Redis refuses for memory is answered as ``StoreUnavailable``.
 
 Any I/O failure or an answer slower than ``op_timeout`` is ``StoreUnavailable`` (503): a
 token is never accepted unverified. No command is retried (a script whose answer was lost
@@ -37,6 +44,7 @@ import coredis.exceptions
 import trio
 from coredis.retry import NoRetryPolicy
 
+from ..tokens import TOKEN_LIFETIME
 from .base import MAX_BODY_BYTES, ConsumeResult, Status, StoreUnavailable
 
 __all__ = ["OP_TIMEOUT", "RedisStore"]
@@ -49,7 +57,29 @@ HEALTH_BACKOFF_MAX = 5.0  # seconds: the longest wait between pings while it doe
 
 T = TypeVar("T")
 
-_LIB = """
+# No grace before the epoch (unlike a restarted process's, relay.gateway.RESTART_GRACE):
+# Redis can restart empty in well under a second, and a token used just before must not
+# be taken again just after. EPOCH_SLACK only absorbs float rounding: a token's issue time
+# is its expiry less TOKEN_LIFETIME, which may land a few ulps before the instant itself.
+EPOCH_SLACK = 0.001
+
+_EPOCH = """
+local function remembers_since(ekey, now)
+  local e = redis.call('GET', ekey)
+  if e then return tonumber(e) end
+  redis.call('SET', ekey, string.format('%.17g', now))
+  return now
+end
+"""
+
+# KEYS: epoch. ARGV: now. The health check: notes the epoch if Redis lost it.
+_NOTE_EPOCH = _EPOCH + """
+return tostring(remembers_since(KEYS[1], tonumber(ARGV[1])))
+"""
+
+_LIB = _EPOCH + f"""
+local LIFETIME = {TOKEN_LIFETIME!r}
+local SLACK = {EPOCH_SLACK!r}
 local function session(key, now)
   local v = redis.call('HMGET', key, 'e', 'b')
   if not v[1] then return nil end
@@ -62,7 +92,8 @@ local function marker(key, now)
   if now >= tonumber(string.sub(m, 3)) then redis.call('DEL', key); return nil end
   return string.sub(m, 1, 1)
 end
-local function reserve(skey, mkey, now, exp, with_body)
+local function reserve(skey, mkey, ekey, now, exp, with_body)
+  local since = remembers_since(ekey, now)
   if marker(mkey, now) then return 'replayed' end
   local s = session(skey, now)
   if s then
@@ -71,15 +102,17 @@ local function reserve(skey, mkey, now, exp, with_body)
     return 'unknown'
   end
   if with_body == '1' and (not s or not s[2]) then return 'body_unavailable' end
+  if not s and tonumber(exp) - LIFETIME < since - SLACK then return 'unverifiable' end
   local ttl = math.ceil((tonumber(exp) - now) * 1000)
   redis.call('SET', mkey, 'r:' .. exp, 'PX', math.max(ttl, 1))
   return 'ok'
 end
 """
 
-# KEYS: session, marker. ARGV: now, token expiry ('' = take the session's), with_body.
+# KEYS: session, marker, epoch. ARGV: now, token expiry ('' = take the session's),
+# with_body.
 _RESERVE = _LIB + """
-return reserve(KEYS[1], KEYS[2], tonumber(ARGV[1]), ARGV[2], ARGV[3])
+return reserve(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), ARGV[2], ARGV[3])
 """
 
 _CONSUME = _LIB + """
@@ -87,7 +120,7 @@ local now = tonumber(ARGV[1])
 local kind = marker(KEYS[2], now)
 if kind == 'c' then return {'replayed'} end
 if not kind then
-  local status = reserve(KEYS[1], KEYS[2], now, ARGV[2], ARGV[3])
+  local status = reserve(KEYS[1], KEYS[2], KEYS[3], now, ARGV[2], ARGV[3])
   if status ~= 'ok' then return {status} end
 end
 local m = redis.call('GET', KEYS[2])
@@ -105,8 +138,11 @@ if m and string.sub(m, 1, 1) == 'r' then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
-# KEYS: session. ARGV: expiry, ttl in ms, body ('' with has_body '0' = none), has_body.
-_PUT = """
+# KEYS: session, epoch. ARGV: expiry, ttl in ms, body ('' with has_body '0' = none),
+# has_body, now. A put notes the epoch too, so a Redis that comes back empty has one before
+# the first token it holds.
+_PUT = _EPOCH + """
+remembers_since(KEYS[2], tonumber(ARGV[5]))
 redis.call('DEL', KEYS[1])
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'e', ARGV[1], 'b', ARGV[3])
@@ -147,8 +183,10 @@ class RedisStore:
         op_timeout: float = OP_TIMEOUT,
         max_body_bytes: int = MAX_BODY_BYTES,
         on_state: Callable[[bool], None] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
+        self.wall_clock = wall_clock  # the callers' clock: the epoch is written in it
         self.key_prefix = key_prefix
         self.op_timeout = op_timeout
         self.max_body_bytes = max_body_bytes
@@ -179,7 +217,8 @@ class RedisStore:
             self._client = client
             self._scripts = {}
             for name, src in (("reserve", _RESERVE), ("consume", _CONSUME),
-                              ("release", _RELEASE), ("put", _PUT)):
+                              ("release", _RELEASE), ("put", _PUT),
+                              ("epoch", _NOTE_EPOCH)):
                 self.register(name, src)
             self._running.set()
             try:
@@ -202,8 +241,10 @@ class RedisStore:
             delay = HEALTH_INTERVAL if self.up else min(delay * 2, HEALTH_BACKOFF_MAX)
 
     async def _ping(self) -> None:
+        # A ping that also writes the epoch if Redis lost it (a restart without
+        # persistence): from then on, tokens issued before are "unverifiable".
         try:
-            await self._call(lambda c: c.ping())
+            await self._script("epoch", [self.epoch_key], [repr(self.wall_clock())])
         except StoreUnavailable:
             pass
 
@@ -274,6 +315,11 @@ class RedisStore:
     def _keys(self, session_id: str) -> tuple[str, str]:
         return (f"{self.key_prefix}s:{{{session_id}}}", f"{self.key_prefix}m:{{{session_id}}}")
 
+    @property
+    def epoch_key(self) -> str:
+        """Holds the unix second since which this Redis remembers uses (see the module)."""
+        return f"{self.key_prefix}epoch"
+
     # -- the Store protocol ---------------------------------------------------------------
 
     async def put_session(
@@ -284,9 +330,10 @@ class RedisStore:
             raise ValueError(f"body of {size} bytes exceeds the store's {self.max_body_bytes}")
         now = time.time() if now is None else now
         skey, _ = self._keys(session_id)
-        await self._script("put", [skey], [repr(expires_at), str(_ttl_ms(expires_at, now)),
-                                           body if body is not None else b"",
-                                           "1" if body is not None else "0"])
+        await self._script("put", [skey, self.epoch_key],
+                           [repr(expires_at), str(_ttl_ms(expires_at, now)),
+                            body if body is not None else b"",
+                            "1" if body is not None else "0", repr(now)])
 
     async def is_consumed(self, session_id: str, now: float | None = None) -> bool:
         _, mkey = self._keys(session_id)
@@ -299,7 +346,7 @@ class RedisStore:
         self, session_id: str, now: float, *, expires_at: float, with_body: bool = False
     ) -> ConsumeResult:
         skey, mkey = self._keys(session_id)
-        status = await self._script("reserve", [skey, mkey],
+        status = await self._script("reserve", [skey, mkey, self.epoch_key],
                                     [repr(now), repr(expires_at), "1" if with_body else "0"])
         return ConsumeResult(_status(status))
 
@@ -312,7 +359,7 @@ class RedisStore:
         with_body: bool = False,
     ) -> ConsumeResult:
         skey, mkey = self._keys(session_id)
-        reply = await self._script("consume", [skey, mkey], [
+        reply = await self._script("consume", [skey, mkey, self.epoch_key], [
             repr(now), repr(expires_at) if expires_at is not None else "",
             "1" if with_body else "0"])
         status = _status(reply[0])
@@ -338,6 +385,6 @@ class RedisStore:
 
 def _status(raw: Any) -> Status:
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    if text not in ("ok", "replayed", "body_unavailable", "unknown"):
+    if text not in ("ok", "replayed", "body_unavailable", "unknown", "unverifiable"):
         raise StoreUnavailable(f"the Redis store answered {text!r}")
     return text  # type: ignore[return-value]
