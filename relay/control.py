@@ -194,7 +194,18 @@ class ControlApp:
             await self._http(scope, receive, send)
         elif kind == "websocket":  # the data plane is another listener (SPEC §1)
             await receive()  # websocket.connect
-            await send({"type": "websocket.close", "code": 1008})
+            if "websocket.http.response" in scope.get("extensions", {}):
+                # Refused before the handshake, as an HTTP answer with the envelope
+                # (hypercorn would otherwise answer a bare 403 with no body).
+                body = _Refuse(404, "not_found", "Not found.",
+                               "WebSocket sessions are served on the data plane "
+                               "(ws_bind), not on this HTTP port.").body()
+                await send({"type": "websocket.http.response.start", "status": 404,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "websocket.http.response.body", "body": body})
+            else:
+                await send({"type": "websocket.close", "code": 1008})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

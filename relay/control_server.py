@@ -28,6 +28,7 @@ from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
+from relay import control_errors
 from relay.config import Config
 from relay.control import ASGIApp
 from relay.errors import BindError, ConfigError
@@ -66,7 +67,9 @@ def _listen_sockets(config: Config, backlog: int) -> list[socket.socket]:
 
 
 def _hypercorn_config(config: Config) -> HypercornConfig:
-    hc = HypercornConfig()
+    control_errors.install()  # hypercorn's own 400/431/500 answers get the JSON envelope
+    hc = control_errors.RelayHypercornConfig()
+    hc.h11_max_incomplete_size = control_errors.MAX_HEAD
     hc.bind = [str(bind) for bind in config.server.api_bind]
     hc.accesslog = None  # quiet by default; /metrics counts /start answers
     hc.errorlog = logging.getLogger("relay.control.hypercorn")  # follows the app's logging
