@@ -849,6 +849,24 @@ static size_t read_core_times(CoreTimes **out) {
 static int ep = -1;
 static Buf shared; /* the receive buffer every read goes through */
 
+/* recv() up to `max` bytes after a connection's unparsed `pending` bytes. A big pending
+ * tail is read onto in place (no copy; pending grows by what arrived); otherwise pending,
+ * then the new bytes, land in `shared` (pending itself is left as it was). */
+static ssize_t recv_after(int fd, Buf *pending, size_t max, int inplace) {
+    size_t plen = buf_size(pending);
+    uint8_t *dst;
+    if (inplace) {
+        dst = buf_tail(pending, max);
+    } else {
+        buf_reserve(&shared, plen + max);
+        if (plen) memcpy(shared.p, buf_data(pending), plen);
+        dst = shared.p + plen;
+    }
+    ssize_t n = recv(fd, dst, max, 0);
+    if (n > 0 && inplace) pending->len += (size_t)n;
+    return n;
+}
+
 static uint64_t tag(uint64_t kind, uint32_t idx) { return kind << 32 | idx; }
 
 static void ep_ctl(int op, int fd, uint32_t events, uint64_t data) {
@@ -998,27 +1016,40 @@ static void bot_keep(Conn *c, const uint8_t *d, size_t L, size_t pos, int inplac
     buf_append(&c->pending, d + pos, L - pos);
 }
 
+typedef struct {
+    uint8_t b0, b1, mask[4];
+    uint64_t n; /* payload length */
+    size_t h;   /* where the payload starts, after the masking key if there is one */
+} FrameHead;
+
+/* The frame at d[pos..L): 1 when its header and its whole payload are there, else 0. */
+static int frame_at(const uint8_t *d, size_t L, size_t pos, FrameHead *f) {
+    if (L - pos < 2) return 0;
+    f->b0 = d[pos], f->b1 = d[pos + 1], f->n = f->b1 & 0x7F, f->h = pos + 2;
+    if (f->n == 126) {
+        if (L - f->h < 2) return 0;
+        f->n = get_be(d + f->h, 2), f->h += 2;
+    } else if (f->n == 127) {
+        if (L - f->h < 8) return 0;
+        f->n = get_be(d + f->h, 8), f->h += 8;
+    }
+    if (f->b1 & 0x80) {
+        if (L - f->h < 4) return 0;
+        memcpy(f->mask, d + f->h, 4), f->h += 4;
+    }
+    return f->n <= L - f->h;
+}
+
 /* Echo every complete frame in d; keep the partial tail in c->pending. 0 if dropped. */
 static int bot_frames(Conn *c, const uint8_t *d, size_t L, int inplace) {
     size_t pos = 0;
+    FrameHead f;
     buf_clear(&bot_obuf);
-    while (L - pos >= 2) {
-        uint8_t b0 = d[pos], b1 = d[pos + 1], mask[4] = {0};
-        uint64_t n = b1 & 0x7F;
-        size_t h = pos + 2;
-        if (n == 126) {
-            if (L - h < 2) break;
-            n = get_be(d + h, 2), h += 2;
-        } else if (n == 127) {
-            if (L - h < 8) break;
-            n = get_be(d + h, 8), h += 8;
-        }
-        int masked = b1 & 0x80;
-        if (masked) {
-            if (L - h < 4) break;
-            memcpy(mask, d + h, 4), h += 4;
-        }
-        if (n > L - h) break;
+    while (frame_at(d, L, pos, &f)) {
+        uint8_t b0 = f.b0, *mask = f.mask;
+        uint64_t n = f.n;
+        size_t h = f.h;
+        int masked = f.b1 & 0x80;
         size_t end = h + (size_t)n, op = b0 & 0x0F;
         if (op != 10) { /* pong: ignore; ping -> pong; close -> close; rest: same first byte */
             uint8_t b = op == 9 ? 0x8A : op == 8 ? 0x88 : b0;
@@ -1081,13 +1112,7 @@ static void bot_handle(uint64_t t, uint32_t ev) {
     if (!(ev & (EPOLLIN | EPOLLERRS))) return;
     size_t plen = buf_size(&c->pending), rest = 0;
     int inplace = plen >= BIG_PENDING && c->ws && !c->closing;
-    uint8_t *dst = inplace ? buf_tail(&c->pending, BOT_RECV) : NULL;
-    if (!inplace) { /* the pending bytes, then the new ones, in the shared buffer */
-        buf_reserve(&shared, plen + BOT_RECV);
-        if (plen) memcpy(shared.p, buf_data(&c->pending), plen);
-        dst = shared.p + plen;
-    }
-    ssize_t n = recv(c->fd, dst, BOT_RECV, 0);
+    ssize_t n = recv_after(c->fd, &c->pending, BOT_RECV, inplace);
     if (n < 0 && again(errno)) return;
     if (n <= 0) {
         bot_drop(c);
@@ -1095,7 +1120,6 @@ static void bot_handle(uint64_t t, uint32_t ev) {
     }
     if (c->closing) return; /* ignore anything after the close frame */
     if (inplace) {
-        c->pending.len += (size_t)n;
         bot_frames(c, buf_data(&c->pending), buf_size(&c->pending), 1);
         return;
     }
@@ -1474,22 +1498,12 @@ static void answer_ping(Session *s, const uint8_t *p, uint64_t n) {
 /* Walks the frames in d; returns the offset of the first incomplete one. */
 static size_t parse_echoes(Session *s, const uint8_t *d, size_t L, int64_t now) {
     size_t pos = 0;
-    while (L - pos >= 2) {
-        uint8_t b0 = d[pos], b1 = d[pos + 1];
-        uint64_t n = b1 & 0x7F;
-        size_t h = pos + 2;
-        if (n == 126) {
-            if (L - h < 2) break;
-            n = get_be(d + h, 2), h += 2;
-        } else if (n == 127) {
-            if (L - h < 8) break;
-            n = get_be(d + h, 8), h += 8;
-        }
-        if (b1 & 0x80) { /* a masked server frame is a protocol error; skip the key */
-            h += 4;
-            note_error("masked-server-frame");
-        }
-        if (h > L || n > L - h) break;
+    FrameHead f;
+    while (frame_at(d, L, pos, &f)) {
+        uint8_t b0 = f.b0;
+        uint64_t n = f.n;
+        size_t h = f.h;
+        if (f.b1 & 0x80) note_error("masked-server-frame"); /* a protocol error: key skipped */
         int op = b0 & 0x0F;
         if (op == 2 && n >= 16) on_echo(s, d + h, n, now);
         else if (op == 8) s->close_seen = 1;
@@ -1504,13 +1518,7 @@ static size_t parse_echoes(Session *s, const uint8_t *d, size_t L, int64_t now) 
 static void on_read(Session *s, int64_t now) {
     size_t plen = buf_size(&s->rbuf);
     int inplace = plen >= BIG_PENDING;
-    uint8_t *dst = inplace ? buf_tail(&s->rbuf, SESSION_RECV) : NULL;
-    if (!inplace) { /* the pending bytes, then the new ones, in the shared buffer */
-        buf_reserve(&shared, plen + SESSION_RECV);
-        if (plen) memcpy(shared.p, buf_data(&s->rbuf), plen);
-        dst = shared.p + plen;
-    }
-    ssize_t r = recv(s->fd, dst, SESSION_RECV, 0);
+    ssize_t r = recv_after(s->fd, &s->rbuf, SESSION_RECV, inplace);
     if (r < 0 && again(errno)) return;
     if (r <= 0) {
         if (s->state == OPEN) {
@@ -1521,7 +1529,6 @@ static void on_read(Session *s, int64_t now) {
         return;
     }
     if (inplace) {
-        s->rbuf.len += (size_t)r;
         buf_consume(&s->rbuf, parse_echoes(s, buf_data(&s->rbuf), buf_size(&s->rbuf), now));
     } else {
         size_t L = plen + (size_t)r, pos = parse_echoes(s, shared.p, L, now);
