@@ -117,8 +117,8 @@ def print_idle(idle: list[dict[str, Any]]) -> None:
     print("process. set-ups/s: N upgrades (<= 32 in flight) / time until all were answered;")
     print("a CPU-bound figure: compare it with nginx's in the same run, on quiet cores only.")
     print("CPU us/set-up: the target's CPU (10 ms ticks) while the N were opened, over N.")
-    print("harness%: idle.py's own CPU then (it is the bot too); near 100 the rate it gives")
-    print("is the harness's, not the target's: read CPU us/set-up instead.")
+    print("harness%: idle.py's own CPU then (it is the bot too). Near 100 it may cap the")
+    print("rate; CPU us/set-up does not depend on it: the fairer ratio.")
     print("x floor: over bench/trio_floor.py's, the least this design costs (bench/README.md).")
 
 
