@@ -1672,9 +1672,16 @@ async def test_a_bot_101_that_is_not_valid_http_is_502_with_the_reason(
 ])
 async def test_a_bot_101_in_any_valid_shape_or_split_opens_the_session(
         answer: Callable[[bytes], list[bytes | None]]) -> None:
+    await _session_through_raw_bot(answer, "127.0.0.1", "127.0.0.1")
+
+
+async def _session_through_raw_bot(answer: Callable[[bytes], list[bytes | None]],
+                                   listen: str, url_host: str) -> None:
+    """A bot on ``listen`` answering its upgrade with ``answer``, reached as ``url_host``:
+    the session opens and a message goes there and back."""
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(_raw_head_bot, answer)
-        async with running(make_config(f"ws://127.0.0.1:{port}/bot")) as gw:
+        port = await nursery.start(partial(_raw_head_bot, answer, host=listen))
+        async with running(make_config(f"ws://{url_host}:{port}/bot")) as gw:
             with trio.fail_after(WAIT):
                 peer = await ws_connect(gw.ws_port)
                 assert isinstance(peer, Peer), peer
@@ -1690,17 +1697,7 @@ async def test_a_bot_101_in_any_valid_shape_or_split_opens_the_session(
     ("127.0.0.1", "localhost"),  # a name: resolved and dialled by trio
 ])
 async def test_a_bot_at_an_ip_literal_or_a_name_is_dialled(listen: str, url_host: str) -> None:
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(partial(_raw_head_bot, lambda req: [_bot_101(req)],
-                                           host=listen))
-        async with running(make_config(f"ws://{url_host}:{port}/bot")) as gw:
-            with trio.fail_after(WAIT):
-                peer = await ws_connect(gw.ws_port)
-                assert isinstance(peer, Peer), peer
-                await peer.send_message(b"hello")
-                assert await peer.message() == b"hello"
-                await peer.stream.aclose()
-        nursery.cancel_scope.cancel()
+    await _session_through_raw_bot(lambda req: [_bot_101(req)], listen, url_host)
 
 
 async def test_a_refused_ipv6_bot_is_502_with_the_reason() -> None:
