@@ -163,9 +163,9 @@ MUTATIONS: list[Mutation] = [
       "the gateway drops TCP right after its close instead of awaiting the answer", (E2E,)),
     # -- passthrough -------------------------------------------------------------------
     M("passthrough.keepalive-off", "relay/passthrough.py",
-      "                nursery.start_soon(self._keepalive, self.client)\n"
-      "                nursery.start_soon(self._keepalive, self.bot)",
-      "                pass",
+      "                    self._schedule_ping(self.client)\n"
+      "                    self._schedule_ping(self.bot)",
+      "                    pass",
       "relay's own listener no longer pings peers; vanished peers hold sessions", (E2E,)),
     M("passthrough.keepalive-pong-passed-on", "relay/pump.py",
       "            self.answered.set()\n            return True",
