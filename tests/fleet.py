@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 from processes import relay_serve
-from support import http
+from support import http, read_until
 
 TESTS = str(Path(__file__).parent)
 SECRET = "k1:fleet-test-secret"
@@ -140,12 +140,7 @@ async def upgrade_status(port: int, path: str, token: str | None = None) -> tupl
                 f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\n"
                 "connection: Upgrade\r\nsec-websocket-version: 13\r\n"
                 f"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n{auth}\r\n".encode())
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    break
-                data += chunk
+            data = await read_until(stream, b"\r\n\r\n")
             if not data.startswith(b"HTTP/1.1 101"):  # a refusal: read its body
                 head, _, body = data.partition(b"\r\n\r\n")
                 length = re.search(rb"(?im)^content-length:\s*(\d+)", head)

@@ -149,6 +149,17 @@ async def open_client(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnect
                 await stream.aclose()
 
 
+async def read_until(stream: trio.abc.ReceiveStream, marker: bytes) -> bytes:
+    """What ``stream`` sends until ``marker`` has arrived, or until EOF (then without it)."""
+    data = b""
+    while marker not in data:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 async def raw_upgrade_status(port: int, path: str) -> int:
     """Send one well-formed upgrade request over raw TCP; the status of the answer."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -157,12 +168,7 @@ async def raw_upgrade_status(port: int, path: str) -> int:
             f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\n"
             "connection: Upgrade\r\nsec-websocket-version: 13\r\n"
             "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
-        data = b""
-        while b"\r\n" not in data:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                break
-            data += chunk
+        data = await read_until(stream, b"\r\n")
     return int(data.split(b" ", 2)[1])
 
 

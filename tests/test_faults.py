@@ -27,7 +27,7 @@ import attrs
 import pytest
 import trio
 from processes import Served, relay_serve
-from support import make_config, running
+from support import make_config, read_until, running
 
 from relay.frames import ControlFrame, FrameScanner, encode_frame, parse_close
 
@@ -141,11 +141,7 @@ class RawClient:
             f"GET {path} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
             "sec-websocket-version: 13\r\nsec-websocket-key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n\r\n"
             .encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = await stream.receive_some(65536)
-            assert chunk, head
-            head += chunk
+        head = await read_until(stream, b"\r\n\r\n")
         head, _, rest = head.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101 "), head
         client = cls(stream)

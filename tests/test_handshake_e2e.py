@@ -24,7 +24,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-from support import KEYS, BotServer, Running, bot_server, open_client
+from support import KEYS, BotServer, Running, bot_server, open_client, read_until
 
 from relay.config import Config, build_config
 from relay.gateway import Gateway
@@ -387,11 +387,7 @@ async def test_valid_upgrade_over_raw_socket_gets_101_from_the_bot() -> None:
             stream = await trio.open_tcp_stream("127.0.0.1", env.gw.ws_port)
             async with stream:
                 await stream.send_all(upgrade())
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = await stream.receive_some(4096)
-                    assert chunk
-                    data += chunk
+                data = await read_until(stream, b"\r\n\r\n")
         head = data.partition(b"\r\n\r\n")[0].lower()
         assert head.startswith(b"http/1.1 101 ")
         assert b"sec-websocket-accept: " in head

@@ -20,7 +20,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from support import KEYS, bot_server, make_config, open_client, running
+from support import KEYS, bot_server, make_config, open_client, read_until, running
 from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
@@ -507,11 +507,7 @@ async def raw_upgrade(port: int, path: str = "/ws/generic/a.local") -> trio.Sock
         f"GET {path} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
         "sec-websocket-version: 13\r\nsec-websocket-key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n\r\n"
         .encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = await stream.receive_some(4096)
-        assert chunk
-        data += chunk
+    data = await read_until(stream, b"\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 101 ")
     return stream
 

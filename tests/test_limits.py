@@ -14,7 +14,7 @@ import math
 
 import pytest
 import trio
-from support import http, make_config, open_client, running
+from support import http, make_config, open_client, read_until, running
 from test_control import Harness, assert_error, call
 from test_control import make_config as control_config
 
@@ -237,12 +237,7 @@ async def _upgrade_from(source: str, port: int) -> tuple[int, bytes]:
     """One upgrade request from ``source``: the status and the body of the answer."""
     async with await _connect_from(source, port) as stream:
         await stream.send_all(UPGRADE)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                break
-            data += chunk
+        data = await read_until(stream, b"\r\n\r\n")
         head, _, body = data.partition(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
         if status != 101:

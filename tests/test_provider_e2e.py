@@ -24,7 +24,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from support import KEYS, BotServer, bot_server, make_config, running
+from support import KEYS, BotServer, bot_server, make_config, read_until, running
 from support import http as support_http
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -208,12 +208,9 @@ async def raw_bot(want: int) -> AsyncIterator[RawBot]:
     bot = RawBot(want=want)
 
     async def handler(stream: trio.SocketStream) -> None:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                return
-            head += chunk
+        head = await read_until(stream, b"\r\n\r\n")
+        if b"\r\n\r\n" not in head:
+            return
         head, _, rest = head.partition(b"\r\n\r\n")
         request_line, *lines = head.split(b"\r\n")
         bot.target = request_line.split(b" ")[1]

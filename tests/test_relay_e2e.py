@@ -24,7 +24,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from support import BotServer, bot_server, make_config, running
+from support import BotServer, bot_server, make_config, read_until, running
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
@@ -1616,12 +1616,9 @@ async def _raw_head_bot(answer: Callable[[bytes], list[bytes | None]],
     """A bot that reads our upgrade request and writes `answer(request)`, piece by piece
     (None: close the connection there), then echoes whatever arrives."""
     async def serve(stream: trio.SocketStream) -> None:
-        request = b""
-        while b"\r\n\r\n" not in request:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                return
-            request += chunk
+        request = await read_until(stream, b"\r\n\r\n")
+        if b"\r\n\r\n" not in request:
+            return
         for piece in answer(request):
             if piece is None:
                 await stream.aclose()

@@ -26,7 +26,7 @@ import attrs
 import pytest
 import trio
 from processes import START_BOUND, Served, relay_serve
-from support import KEYS, open_client
+from support import KEYS, open_client, read_until
 from trio_websocket import ConnectionClosed
 
 import relay
@@ -75,12 +75,7 @@ async def http_status(port: int, path: str) -> bytes:
         async with stream:
             await stream.send_all(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
                                   .encode())
-            data = b""
-            while b"\r\n" not in data:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    break
-                data += chunk
+            data = await read_until(stream, b"\r\n")
     return data.split(b"\r\n", 1)[0]
 
 
@@ -152,11 +147,7 @@ async def test_sigterm_is_bounded_by_close_timeout_when_a_client_never_answers(
                 b"connection: Upgrade\r\nsec-websocket-version: 13\r\n"
                 b"sec-websocket-key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n\r\n")
             with trio.fail_after(10):
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    chunk = await stream.receive_some(4096)
-                    assert chunk
-                    head += chunk
+                head = await read_until(stream, b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 101 ")
             served.process.send_signal(signal.SIGTERM)
             status, elapsed = await timed_exit(served.process)
