@@ -14,7 +14,7 @@ import trio
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from relay.store import ConsumeResult, MemoryStore, StoreFull
+from relay.store import MAX_BODY_BYTES, ConsumeResult, MemoryStore, StoreFull
 
 T0 = 1_700_000_000.0
 LIFE = 300.0
@@ -194,14 +194,12 @@ async def test_an_expired_marker_out_of_order_is_not_a_replay() -> None:
 
 
 async def test_body_larger_than_the_whole_bound_is_refused() -> None:
+    assert MemoryStore().max_body_bytes == MAX_BODY_BYTES
     store = MemoryStore(max_body_bytes=4)
-    try:
+    with pytest.raises(ValueError, match="exceeds"):
         await store.put_session("a", b"12345", T0 + LIFE)
-    except ValueError:
-        pass
-    else:
-        raise AssertionError("expected ValueError")
     assert store.entry_count == 0
+    assert await store.consume("a", T0) == ConsumeResult("unknown")
 
 
 async def test_put_again_replaces() -> None:

@@ -1,17 +1,17 @@
-"""The Store protocol's behaviour, run against both implementations, plus what only Redis has.
+"""What only the Redis store has, on a real redis-server (redis_server.py).
 
-``store`` is parametrized: ``memory`` (MemoryStore) and ``redis`` (RedisStore on a real
-redis-server started for this module, each test under its own key prefix). The behavioural
-tests are the same for both; the Redis-only tests check atomicity across two instances
-(two clients, as two gateway processes would have), that every key has the prefix and an
-expiry, and that a Redis that stops answering is StoreUnavailable and is used again,
-by the same store object, once it is back.
+The Store protocol's behaviour (one-time use, reservation, release, replay, expiry,
+purge, racing upgrades) is test_store_conformance.py's, run on MemoryStore and on
+RedisStore alike. Here: atomicity across two store objects on one Redis (two gateway
+processes), that every key has the prefix and the token's expiry, reckoned on the clock the
+store is given, the epoch that makes a Redis restarted empty refuse older tokens, a Redis
+that stops answering (StoreUnavailable, then used again by the same store object), an
+answer that comes too late, and RedisStore's own body bound.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import coredis
@@ -19,121 +19,11 @@ import pytest
 import trio
 from redis_server import RedisServer, fresh_prefix, redis_server, started  # noqa: F401
 
-from relay.store import ConsumeResult, MemoryStore, Store, StoreUnavailable
+from relay.store import MAX_BODY_BYTES, ConsumeResult, StoreUnavailable
 from relay.store.redis import RedisStore
 
 T0 = time.time()  # Redis expires keys on its own clock: keep the tests' "now" near it
 EXP = T0 + 300.0
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest,
-                redis_server: RedisServer) -> AsyncIterator[Store]:  # noqa: F811
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    # the store's clock is the tests' (T0): its epoch is written in it
-    redis_store = RedisStore(redis_server.url, key_prefix=fresh_prefix(),
-                             wall_clock=lambda: T0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(redis_store.run)
-        yield redis_store
-        nursery.cancel_scope.cancel()
-
-
-# -- one-time use and the held body ------------------------------------------------------
-
-
-async def test_body_is_handed_over_once(store: Store) -> None:
-    await store.put_session("s1", b'{"a":1}', EXP, now=T0)
-    assert await store.consume("s1", T0, expires_at=EXP, with_body=True) == \
-        ConsumeResult("ok", b'{"a":1}')
-    assert await store.consume("s1", T0, expires_at=EXP, with_body=True) == \
-        ConsumeResult("replayed")
-    assert await store.is_consumed("s1", T0)
-
-
-async def test_reserve_then_consume_takes_the_body(store: Store) -> None:
-    await store.put_session("s1", b"\x00\xffbinary", EXP, now=T0)
-    assert await store.reserve("s1", T0, expires_at=EXP, with_body=True) == ConsumeResult("ok")
-    assert await store.reserve("s1", T0, expires_at=EXP, with_body=True) == \
-        ConsumeResult("replayed")
-    assert await store.consume("s1", T0, expires_at=EXP, with_body=True) == \
-        ConsumeResult("ok", b"\x00\xffbinary")
-    assert await store.consume("s1", T0, expires_at=EXP) == ConsumeResult("replayed")
-
-
-async def test_release_makes_the_token_usable_again_with_its_body(store: Store) -> None:
-    await store.put_session("s1", b"[1]", EXP, now=T0)
-    assert (await store.reserve("s1", T0, expires_at=EXP, with_body=True)).ok
-    await store.release("s1", T0)
-    assert not await store.is_consumed("s1", T0)
-    assert (await store.reserve("s1", T0, expires_at=EXP, with_body=True)).ok
-    assert await store.consume("s1", T0, expires_at=EXP) == ConsumeResult("ok", b"[1]")
-
-
-async def test_release_after_consume_does_not_make_it_usable(store: Store) -> None:
-    await store.put_session("s1", None, EXP, now=T0)
-    assert await store.consume("s1", T0, expires_at=EXP) == ConsumeResult("ok", None)
-    await store.release("s1", T0)
-    assert await store.reserve("s1", T0, expires_at=EXP) == ConsumeResult("replayed")
-
-
-async def test_token_without_put_session_is_usable_once(store: Store) -> None:
-    # relay mint-token: nothing was put; the token's own expiry bounds the marker
-    assert await store.consume("minted", T0, expires_at=EXP) == ConsumeResult("ok", None)
-    assert await store.consume("minted", T0, expires_at=EXP) == ConsumeResult("replayed")
-
-
-async def test_body_token_whose_body_is_not_held_is_refused(store: Store) -> None:
-    assert await store.reserve("gone", T0, expires_at=EXP, with_body=True) == \
-        ConsumeResult("body_unavailable")
-    await store.put_session("nobody", None, EXP, now=T0)
-    assert await store.consume("nobody", T0, expires_at=EXP, with_body=True) == \
-        ConsumeResult("body_unavailable")
-    # refused, not used: nothing was burned
-    assert not await store.is_consumed("gone", T0)
-    assert await store.consume("nobody", T0, expires_at=EXP) == ConsumeResult("ok", None)
-
-
-async def test_unknown_and_expired(store: Store) -> None:
-    assert await store.consume("never", T0) == ConsumeResult("unknown")
-    assert await store.reserve("late", T0, expires_at=T0 - 1) == ConsumeResult("unknown")
-    await store.put_session("short", b"{}", T0 + 10, now=T0)
-    assert await store.consume("short", T0 + 10, expires_at=T0 + 10) == \
-        ConsumeResult("unknown")
-
-
-async def test_marker_lasts_until_the_token_expires(store: Store) -> None:
-    await store.put_session("s1", None, T0 + 60, now=T0)
-    assert (await store.consume("s1", T0, expires_at=T0 + 60)).ok
-    assert await store.is_consumed("s1", T0 + 59)
-    assert await store.consume("s1", T0 + 59, expires_at=T0 + 60) == ConsumeResult("replayed")
-    assert not await store.is_consumed("s1", T0 + 60)
-
-
-async def test_body_over_the_bound_is_refused_and_nothing_held(store: Store) -> None:
-    limit = store.max_body_bytes  # type: ignore[attr-defined]
-    with pytest.raises(ValueError, match="exceeds"):
-        await store.put_session("big", b"x" * (limit + 1), EXP, now=T0)
-    assert await store.consume("big", T0) == ConsumeResult("unknown")
-
-
-async def test_racing_upgrades_get_exactly_one_ok(store: Store) -> None:
-    await store.put_session("s1", b'"b"', EXP, now=T0)
-    results: list[ConsumeResult] = []
-
-    async def one() -> None:
-        results.append(await store.consume("s1", T0, expires_at=EXP, with_body=True))
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(20):
-            nursery.start_soon(one)
-    assert sorted(r.status for r in results) == ["ok"] + ["replayed"] * 19
-    assert [r.body for r in results if r.ok] == [b'"b"']
-
-
-# -- Redis only ---------------------------------------------------------------------------
 
 
 async def test_two_instances_one_token_one_body(redis_server: RedisServer) -> None:  # noqa: F811
@@ -167,11 +57,13 @@ async def test_two_instances_one_token_one_body(redis_server: RedisServer) -> No
 async def test_every_key_has_the_prefix_and_an_expiry(
         redis_server: RedisServer) -> None:  # noqa: F811
     prefix = fresh_prefix()
-    now = time.time()
+    # the store's clock, 1000 s off Redis's: a TTL is reckoned on the store's (a put
+    # without `now` too), never on the real time
+    now = time.time() - 1000.0
     store = RedisStore(redis_server.url, key_prefix=prefix, wall_clock=lambda: now)
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
-        await store.put_session("pending", b"{}", now + 300, now=now)
+        await store.put_session("pending", b"{}", now + 300)
         await store.put_session("used", None, now + 300, now=now)
         await store.consume("used", now, expires_at=now + 300)
         await store.reserve("minted", now, expires_at=now + 300)
@@ -194,6 +86,21 @@ async def test_every_key_has_the_prefix_and_an_expiry(
     # start, on its clock)
     assert ttls[f"{prefix}epoch".encode()] == -1
     assert epoch == pytest.approx(now, abs=1e-5)
+
+
+async def test_body_over_the_bound_is_refused_and_nothing_held(
+        redis_server: RedisServer) -> None:  # noqa: F811
+    assert RedisStore(redis_server.url).max_body_bytes == MAX_BODY_BYTES
+    store = RedisStore(redis_server.url, key_prefix=fresh_prefix(), max_body_bytes=16,
+                       wall_clock=lambda: T0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        with pytest.raises(ValueError, match="exceeds"):
+            await store.put_session("big", b"x" * 17, EXP, now=T0)
+        assert await store.consume("big", T0) == ConsumeResult("unknown")
+        await store.put_session("fits", b"x" * 16, EXP, now=T0)
+        assert await store.consume("fits", T0) == ConsumeResult("ok", b"x" * 16)
+        nursery.cancel_scope.cancel()
 
 
 async def back_up(store: RedisStore) -> bool:

@@ -328,7 +328,7 @@ class RedisStore:
         size = len(body) if body is not None else 0
         if size > self.max_body_bytes:
             raise ValueError(f"body of {size} bytes exceeds the store's {self.max_body_bytes}")
-        now = time.time() if now is None else now
+        now = self.wall_clock() if now is None else now
         skey, _ = self._keys(session_id)
         await self._script("put", [skey, self.epoch_key],
                            [repr(expires_at), str(_ttl_ms(expires_at, now)),
