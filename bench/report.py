@@ -19,7 +19,7 @@ from typing import Any
 HARNESS_BUSY = 90.0  # % of a core: above this the load generator core is the bottleneck
 TARGET_BUSY = 90.0
 FOREIGN_MAX = 10.0  # % of a core used by unrelated processes: above this a point is disturbed
-ORDER = {"direct": 0, "relay": 1, "floor": 2, "nginx": 3}
+ORDER = {"direct": 0, "relay": 1, "floor": 2, "uvloop": 3, "nginx": 4}
 
 
 def load(path: str) -> list[dict[str, Any]]:

@@ -16,7 +16,8 @@ import sys
 from collections import defaultdict
 from typing import Any
 
-ORDER = {"direct": 0, "relay": 1, "floor": 2, "nginx": 3}
+from report import ORDER  # bench/report.py: one order of targets for both tables
+
 DASH = "\u2013"  # en dash, as in the README's ranges
 
 
@@ -66,7 +67,7 @@ def print_points(points: dict[Any, list[dict[str, Any]]]) -> None:
     cols = ("CPU us/msg", "x nginx", "x floor", "CPU %", "p50 ms", "p99 ms")
     print(f"{'target':7s}{'sess':>5s} " + " ".join(f"{c:>11s}" for c in cols)
           + "  keeps up  harness %")
-    for (target, n), runs in sorted(points.items(), key=lambda k: (ORDER[k[0][0]], k[0][1])):
+    for (target, n), runs in sorted(points.items(), key=lambda k: (ORDER.get(k[0][0], 9), k[0][1])):
         def col(key: str, spec: str = ".1f", runs: list[dict[str, Any]] = runs) -> str:
             return f"{span([r[key] for r in runs], spec):>11s}"
 
