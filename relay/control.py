@@ -9,7 +9,14 @@ starts a bot: /start only mints a token and holds the body in the store (SPEC §
     401 unauthorized              no ``Authorization: Bearer`` or a key not in public_keys
     429 rate_limited              this public key is over ``[server] start_rate`` per second
                                   (a bucket of ``start_burst``); ``Retry-After`` says when
-                                  it may call again. Counted before anything else is done.
+                                  it may call again. Counted before anything else is done:
+                                  in this process (memory store), or for the whole fleet
+                                  in Redis (``ControlState.fleet_rate``,
+                                  ``relay.fleet_rate``). While Redis does not answer, this
+                                  process's own bucket counts instead (as with one
+                                  process) and the request goes on to its other checks:
+                                  a token agent then gets 503 store_unavailable as before,
+                                  an auth-none agent its 200 (SPEC §9).
     404 agent_not_found           no such agent
     503 draining                  the operator is draining this agent (admin.py)
     413 payload_too_large         request body over 1 MiB: decided from Content-Length or
@@ -53,7 +60,7 @@ import math
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 import attrs
@@ -73,6 +80,7 @@ __all__ = [
     "MAX_START_BODY",
     "ASGIApp",
     "ControlState",
+    "FleetRate",
     "make_control_app",
 ]
 
@@ -99,6 +107,15 @@ def _never_full(agent: str) -> bool:
     return False
 
 
+class FleetRate(Protocol):
+    """The /start rate limit shared by a fleet (``relay.fleet_rate.FleetStartLimiter``)."""
+
+    async def take(self, public_key: str, now: float) -> float:
+        """0.0 when allowed, else seconds to wait; ``now`` is wall-clock unix seconds.
+        Raises ``StoreUnavailable`` when the shared store does not answer."""
+        ...
+
+
 @attrs.define
 class ControlState:
     """Everything the control plane reads; shared with the data plane by the server.
@@ -118,6 +135,8 @@ class ControlState:
     operations: Operations | None = None  # operator API and drains (admin.py); None = off
     before_metrics: Callable[[], None] | None = None  # brings relayed counts up to date
     clock: Callable[[], float] = trio.current_time  # monotonic seconds: /start rate limit
+    # the fleet's /start buckets (Redis), read with ``now``; None: this process's own
+    fleet_rate: FleetRate | None = None
 
 
 class _Refuse(Exception):
@@ -371,7 +390,7 @@ class ControlApp:
         state = self.state
         server = state.config.server
         key = self._check_public_key(scope)
-        self._check_rate(key)
+        await self._check_rate(key)
         agent = state.config.agents.get(agent_name)
         if agent is None:
             raise _Refuse(
@@ -496,9 +515,22 @@ class ControlApp:
         # with StoreUnavailable anyway. Only a cached flag is consulted here.
         return self.state.store_up() if self.state.store_up is not None else True
 
-    def _check_rate(self, key: str) -> None:
+    async def _rate_wait(self, key: str) -> float:
+        """Seconds ``key`` must wait before its next /start (0.0: go on)."""
+        fleet = self.state.fleet_rate
+        if fleet is not None and await self._store_is_up_for_start():
+            try:
+                return await fleet.take(key, self.state.now())
+            except StoreUnavailable:
+                pass  # Redis stopped answering: as while it is known to be down, below
+        # The memory store, or Redis down: this process's bucket. The request then meets
+        # the store's own failure where it needs the store (503 for token agents), as it
+        # did before the fleet had a shared bucket; auth-none agents stay limited.
+        return self.start_limiter.take(key, self.state.clock())
+
+    async def _check_rate(self, key: str) -> None:
         """429 with Retry-After when this public key is over its /start rate."""
-        wait = self.start_limiter.take(key, self.state.clock())
+        wait = await self._rate_wait(key)
         if wait <= 0:
             return
         server = self.state.config.server

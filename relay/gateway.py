@@ -29,7 +29,7 @@ import trio
 from .admin import LocalOperations, Operations
 from .config import Bind, Config
 from .connection import ClientConnection
-from .control import ControlState, make_control_app
+from .control import ControlState, FleetRate, make_control_app
 from .control_server import serve_control
 from .errors import BindError, ConfigError
 from .keepalive import keepalive_timer
@@ -127,6 +127,8 @@ class _StoreParts:
     flush: Callable[[], Awaitable[None]] | None = None  # give leases back before stopping
     operations: Operations | None = None  # the fleet's operator API (Redis)
     run_operations: Callable[..., Awaitable[None]] | None = None
+    fleet_rate: FleetRate | None = None  # /start's buckets for the whole fleet (Redis)
+    run_fleet_rate: Callable[..., Awaitable[None]] | None = None
 
 
 RESTART_GRACE = 1.0  # seconds: see _make_store
@@ -138,6 +140,7 @@ def _make_store(config: Config, metrics: Metrics, wall_clock: Callable[[], float
     if config.store.backend == "redis":
         from .fleet import FleetRegistry
         from .fleet_admin import FleetOperations
+        from .fleet_rate import FleetStartLimiter
         from .store.redis import RedisStore  # coredis takes ~0.5 s to import: only if used
 
         redis = RedisStore(config.store.url, key_prefix=config.store.key_prefix,
@@ -145,8 +148,11 @@ def _make_store(config: Config, metrics: Metrics, wall_clock: Callable[[], float
         fleet = FleetRegistry(redis, lease_ttl=config.store.lease_ttl, agents=config.agents,
                               wall_clock=wall_clock)
         ops = FleetOperations(fleet, LocalOperations(fleet, wall_clock, fleet.name))
+        rate = FleetStartLimiter(redis, config.server.public_keys,
+                                 rate=config.server.start_rate,
+                                 burst=config.server.start_burst)
         return _StoreParts(redis, redis.run, lambda: redis.up, fleet, fleet.run, fleet.flush,
-                           ops, ops.run)
+                           ops, ops.run, rate, rate.run)
     # Tokens issued in the last second before this store began are still accepted: a
     # restart (SIGTERM, shutdown, a new process importing) takes longer than that, and
     # an embedding app may mint a token just before it builds its Gateway.
@@ -195,7 +201,8 @@ class Gateway:
         self.control_app = make_control_app(ControlState(
             config=config, keyring=keys, store=self.rt.store, metrics=metrics,
             now=wall_clock, is_full=self._is_full_rejecting, operations=self.rt.operations,
-            before_metrics=self._flush_counts, store_up=self._store.up))
+            before_metrics=self._flush_counts, store_up=self._store.up,
+            fleet_rate=self._store.fleet_rate))
         self.connections: set[ClientConnection] = set()
         self._listeners: list[socket.socket] = []
         self._accept_scopes: list[trio.CancelScope] = []
@@ -244,6 +251,8 @@ class Gateway:
                         await nursery.start(self._store.run_registry)
                     if self._store.run_operations is not None:
                         await nursery.start(self._store.run_operations)
+                    if self._store.run_fleet_rate is not None:
+                        await nursery.start(self._store.run_fleet_rate)
                     api = await nursery.start(serve_control, self.control_app, self.config)
                     keepalive_timer()  # the process's one keepalive timer, up before sessions
                     for sock in listeners:

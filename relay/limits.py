@@ -9,6 +9,10 @@ reaches zero).
 
     bucket = TokenBucket(rate=20, burst=50)
     wait = bucket.take(now)        # 0.0: allowed; else seconds until one token is back
+    bucket_expiry(20, 50)          # seconds after its last change a bucket may be forgotten
+
+On the Redis store the buckets live in Redis (``relay.fleet_rate``, one Lua script that
+is this ``take`` transcribed), so /start's limit holds for the whole fleet.
 
     gate = ConnectionGate(max_connections_per_ip=..., max_handshakes=...,
                           max_handshakes_per_ip=...)
@@ -30,6 +34,8 @@ __all__ = [
     "REFUSAL_REASONS",
     "StartRateLimiter",
     "TokenBucket",
+    "bucket_expiry",
+    "check_bucket",
     "retry_after",
 ]
 
@@ -51,6 +57,27 @@ REFUSAL_DETAILS = {
 }
 
 
+#: Seconds a bucket is kept beyond the time it takes to refill from empty (clock skew
+#: between instances, rounding): a bucket forgotten only once it is full again answers as
+#: a fresh one would.
+BUCKET_EXPIRY_MARGIN = 1.0
+
+
+def check_bucket(rate: float, burst: float) -> None:
+    """ValueError unless ``rate`` is positive and finite and ``burst`` finite and >= 1."""
+    if not (rate > 0 and math.isfinite(rate)):
+        raise ValueError(f"rate must be a positive finite number, got {rate!r}")
+    if not (burst >= 1 and math.isfinite(burst)):
+        raise ValueError(f"burst must be a finite number >= 1, got {burst!r}")
+
+
+def bucket_expiry(rate: float, burst: float) -> float:
+    """Seconds after its last change a bucket may be forgotten: by then it is full again
+    (from empty: ``burst / rate``), so a forgotten bucket and a kept one answer alike."""
+    check_bucket(rate, burst)
+    return burst / rate + BUCKET_EXPIRY_MARGIN
+
+
 @attrs.define
 class TokenBucket:
     """``burst`` tokens at most, refilled at ``rate`` per second; one per request."""
@@ -61,15 +88,17 @@ class TokenBucket:
     stamp: float | None = None
 
     def __attrs_post_init__(self) -> None:
-        if not (self.rate > 0 and math.isfinite(self.rate)):
-            raise ValueError(f"rate must be a positive finite number, got {self.rate!r}")
-        if not (self.burst >= 1 and math.isfinite(self.burst)):
-            raise ValueError(f"burst must be a finite number >= 1, got {self.burst!r}")
+        check_bucket(self.rate, self.burst)
         if math.isnan(self.tokens):
             self.tokens = float(self.burst)
 
     def take(self, now: float) -> float:
-        """Take one token: 0.0 when allowed, else the seconds until one is available."""
+        """Take one token: 0.0 when allowed, else the seconds until one is available.
+
+        ``now`` earlier than the last call's (a clock stepped back, or on Redis a peer
+        instance whose clock is ahead) refills nothing and keeps the later stamp: time
+        never runs backwards into extra tokens, so skew never grants more than ``burst``.
+        """
         if self.stamp is not None and now > self.stamp:
             self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
         if self.stamp is None or now > self.stamp:
