@@ -73,11 +73,14 @@ SERVER: dict[str, tuple[str, str]] = {  # key: (type, meaning)
     'start_rate': (
         'number per second',
         '/start requests per second per public key (a token bucket); over it 429 '
-        '`rate_limited` with `Retry-After`'
+        '`rate_limited` with `Retry-After`. With the Redis store the bucket is in Redis, '
+        'one per key for the whole fleet (every worker and instance); while Redis does '
+        'not answer, each process limits with its own'
     ),
     'start_burst': (
         'integer',
-        "/start requests one public key may make at once (the bucket's size)"
+        "/start requests one public key may make at once (the bucket's size), fleet-wide "
+        'with the Redis store'
     ),
     'max_connections_per_ip': (
         'integer',
