@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 START_BOUND = 20.0  # seconds for redis-server to say it is ready on a loaded machine
+PORT_ATTEMPTS = 3  # ports tried at the first start (one taken between pick and bind)
 STOP_BOUND = 10.0
 
 
@@ -47,6 +48,7 @@ class RedisServer:
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.last_error = ""
         # persistent: AOF, every write fsynced, so even a kill keeps every key; otherwise
         # no persistence at all, and a restart comes back empty
         self.persistence = (["--appendonly", "yes", "--appendfsync", "always"] if persistent
@@ -57,6 +59,17 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Start on ``port``; the first start moves to another free port if that one was
+        taken between `free_port()` and the bind (a restart keeps its port)."""
+        for _ in range(PORT_ATTEMPTS):
+            if self._start():
+                return
+            taken, self.port = self.port, free_port()
+        pytest.fail(f"redis-server found {PORT_ATTEMPTS} ports taken, the last {taken}:\n"
+                    f"{self.last_error}")
+
+    def _start(self) -> bool:
+        """True once ready; False when the port was taken (the process has exited)."""
         assert self.process is None
         self.starts += 1
         log = self.directory / f"redis-{self.starts}.log"
@@ -72,9 +85,13 @@ class RedisServer:
             if self.process.poll() is not None:
                 text = log.read_text(errors="replace") if log.exists() else ""
                 self.process = None
+                if "Address already in use" in text and self.starts == 1:
+                    self.last_error = text
+                    self.starts = 0
+                    return False
                 pytest.fail(f"redis-server exited at start:\n{text}")
             if log.exists() and "Ready to accept connections" in log.read_text(errors="replace"):
-                return
+                return True
             time.sleep(0.02)
         self.stop()
         pytest.fail(f"redis-server did not get ready within {START_BOUND} s")
