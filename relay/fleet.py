@@ -456,7 +456,7 @@ class FleetRegistry(Registry):
         return True
 
     def _add(self, member: Member, agent: str, sid: str) -> None:
-        self._live[agent].append(member)
+        self._live[agent][member] = None
         self._ids[id(member)] = sid
         self._by_id[sid] = (member, agent)
 

@@ -49,7 +49,9 @@ class CancellableMember:
 
 class Registry:
     def __init__(self) -> None:
-        self._live: dict[str, list[Member]] = defaultdict(list)
+        # Per agent, its members oldest first: a dict used as an ordered set, so a session
+        # that ends leaves in O(1) however many are live (a list's remove scanned them all).
+        self._live: dict[str, dict[Member, None]] = defaultdict(dict)
         self._locks: dict[str, trio.Lock] = defaultdict(trio.Lock)
 
     def count(self, agent: str) -> int:
@@ -67,13 +69,13 @@ class Registry:
         if not lock.locked() and self.count(agent.name) < agent.max_clients:
             # Room, and nobody is replacing: taken at once (no await between the check and
             # the append), without the lock's scheduling round trip.
-            self._live[agent.name].append(member)
+            self._live[agent.name][member] = None
             return True
         async with lock:
             if not await self.make_room(agent):
                 return False
-            # Looked up afresh: a release while we waited may have dropped the old list.
-            self._live[agent.name].append(member)
+            # Looked up afresh: a release while we waited may have dropped the old dict.
+            self._live[agent.name][member] = None
             return True
 
     async def make_room(self, agent: AgentConfig) -> bool:
@@ -83,7 +85,7 @@ class Registry:
         while self.count(agent.name) >= agent.max_clients:
             if agent.when_full == "reject":
                 return False
-            oldest = self._live[agent.name][0]
+            oldest = next(iter(self._live[agent.name]))
             oldest.cancel("replaced")
             with trio.move_on_after(agent.limits.close_timeout + REPLACE_MARGIN):
                 await oldest.done.wait()
@@ -97,6 +99,6 @@ class Registry:
     def release(self, member: Member, agent: str) -> None:
         live = self._live.get(agent)
         if live is not None and member in live:
-            live.remove(member)
+            del live[member]
             if not live:
                 del self._live[agent]
