@@ -57,6 +57,15 @@ class Side(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
         nodelay(transport)
 
+    def head_end(self, data: bytes) -> int:
+        """Add to the HTTP head being read; where its blank line starts, or -1 (and the
+        connection closed when the head outgrows MAX_HEAD)."""
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0 and len(self.head) > MAX_HEAD:
+            self.close()
+        return end
+
     def forward(self, data: bytes) -> None:
         assert self.other is not None and self.other.transport is not None
         self.other.transport.write(data)
@@ -91,11 +100,7 @@ class Bot(Side):
         if self.other is not None:
             self.forward(data)
             return
-        self.head += data
-        end = self.head.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.head) > MAX_HEAD:
-                self.close()
+        if (end := self.head_end(data)) < 0:
             return
         if not self.head.startswith(b"HTTP/1.1 101"):
             self.close()
@@ -129,11 +134,7 @@ class Client(Side):
         elif self.key:
             self.pending += data
         else:
-            self.head += data
-            end = self.head.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.head) > MAX_HEAD:
-                    self.close()
+            if (end := self.head_end(data)) < 0:
                 return
             key = KEY.search(self.head[:end])
             if key is None:
