@@ -11,7 +11,6 @@ for want of it; if it is still absent the fixture fails with a message saying ho
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -19,16 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 START_BOUND = 20.0  # seconds for redis-server to say it is ready on a loaded machine
 PORT_ATTEMPTS = 3  # ports tried at the first start (one taken between pick and bind)
 STOP_BOUND = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fresh_prefix() -> str:

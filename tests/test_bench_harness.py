@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -25,17 +24,12 @@ from typing import Any
 
 import pytest
 import trio
+from ports import free_port
 from processes import Served, relay_serve
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RUN_BOUND = 60.0  # seconds for one harness run on a loaded 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

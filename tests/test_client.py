@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -21,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import trio
 import trio.testing
+from ports import free_port
 from support import BotServer, bot_server, make_config, open_client, raw_upgrade_status, running
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
@@ -40,12 +40,6 @@ PK = "pk_client_test"
 BOUND = 30  # seconds (virtual under autojump_clock): the bound on every test's waits
 NO_JITTER = Reconnect(attempts=3, first_delay=1, factor=2, jitter=0, give_up_after=100)
 E = TypeVar("E", bound=relay.client.Event)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @asynccontextmanager

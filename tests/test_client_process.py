@@ -22,8 +22,8 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+from ports import free_port
 from processes import NotReady, relay_serve
-from redis_server import free_port
 from support import BotServer, bot_server
 from trio_websocket import WebSocketConnection
 

@@ -22,7 +22,8 @@ import pytest
 import trio
 from fleet import WAIT, Instance, fleet, upgrade_status
 from fleet import write_config as write_file
-from redis_server import RedisServer, free_port, fresh_prefix, redis_server  # noqa: F401
+from ports import free_port
+from redis_server import RedisServer, fresh_prefix, redis_server  # noqa: F401
 from support import bot_server, http, open_client
 
 GUIDE = Path(__file__).parent.parent / "docs" / "deploying.md"

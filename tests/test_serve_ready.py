@@ -15,18 +15,13 @@ import sys
 from pathlib import Path
 
 import trio
+from ports import free_port
 
 from relay.gateway import Ports
 from relay.server import ready_line
 
 START_BOUND = 60.0  # seconds for a loaded machine to import and listen
 WAIT_READY = Path(__file__).resolve().parent.parent / "scripts" / "wait-ready"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_serve_prints_ready_once_both_planes_listen(tmp_path: Path) -> None:
