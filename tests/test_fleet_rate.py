@@ -282,14 +282,15 @@ async def test_the_bucket_is_one_hashed_key_under_the_prefix_with_an_expiry(
             # expires once a refill from empty is done (5 / 0.5 = 10 s), plus the margin
             expiry_ms = math.ceil(bucket_expiry(0.5, 5) * 1000)
             assert expiry_ms == 11_000
-            assert 10_000 < await raw.pttl(name) <= expiry_ms
+            # its full expiry less what the round trips took (up to 5 s on a loaded machine)
+            assert 6_000 < await raw.pttl(name) <= expiry_ms
             await raw.pexpire(name, 50)  # as if its time had passed ...
             with trio.fail_after(WAIT):
                 await until_gone(raw, name)
         # ... a forgotten bucket is a full one, and is written again with its expiry
         assert await statuses(a.api_port) == [200]
         async with coredis.Redis.from_url(redis_server.url) as raw:
-            assert 10_000 < await raw.pttl(name) <= 11_000
+            assert 6_000 < await raw.pttl(name) <= 11_000
             assert await raw.hget(name, "t") == b"4"
 
 
