@@ -153,8 +153,12 @@ async def test_sessions_lists_a_live_session_with_its_traffic_then_not_once_it_e
             s = listed[0]
             assert s["agent"] == "a" and s["organization"] == "local"
             assert s["client_addr"] == "127.0.0.1"
-            assert before - 1 <= float(s["connected_at"]) <= time.time()  # type: ignore[arg-type]
-            assert s["instance"] == gw.gateway.operations.instance  # type: ignore[attr-defined]
+            connected_at = s["connected_at"]
+            assert isinstance(connected_at, (int, float)), connected_at  # a JSON number
+            assert before - 1 <= float(connected_at) <= time.time()
+            ops = gw.gateway.operations
+            assert isinstance(ops, LocalOperations)  # the memory store's (has .instance)
+            assert s["instance"] == ops.instance
             assert s["messages"] == {"client_to_bot": 2, "bot_to_client": 2}
             assert s["bytes"] == {"client_to_bot": 8, "bot_to_client": 8}  # payload bytes
             # /metrics (the page's counters) is brought up to date on each scrape

@@ -613,9 +613,9 @@ def test_default_config_equals_minimal_file(tmp_path: Path) -> None:
 def test_config_is_frozen() -> None:
     config = default_config()
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
-        config.source = "x"  # type: ignore[misc]
+        config.source = "x"  # type: ignore[misc]  # frozen: assigning is the point
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
-        config.server.defaults.session_timeout = 1.0  # type: ignore[misc]
+        config.server.defaults.session_timeout = 1.0  # type: ignore[misc]  # frozen, as above
 
 
 def test_code_built_config_copies_its_agents() -> None:
@@ -685,7 +685,7 @@ def test_parse_bind_rejects(text: str, problem: str) -> None:
 
 def test_parse_bind_rejects_non_string() -> None:
     with pytest.raises(ConfigError, match="must be a string"):
-        parse_bind(8700)  # type: ignore[arg-type]
+        parse_bind(8700)  # type: ignore[arg-type]  # a wrong type on purpose
 
 
 def test_inf_stays_a_config_error_for_other_timeouts() -> None:

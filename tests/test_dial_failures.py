@@ -19,7 +19,7 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 from support import KEYS, make_config, raw_upgrade_status, running
-from trio_websocket import serve_websocket
+from trio_websocket import WebSocketRequest, serve_websocket
 
 from relay.config import Config
 from relay.errors import BotDialError
@@ -115,8 +115,8 @@ async def test_silent_bot_is_logged_and_counted_as_timeout(
 @pytest.mark.parametrize("path", list(PATHS))
 async def test_bot_refusing_the_upgrade_is_logged_and_counted_as_rejected(
         path: str, caplog: pytest.LogCaptureFixture) -> None:
-    async def refuse(request: object) -> None:
-        await request.reject(403)  # type: ignore[attr-defined]
+    async def refuse(request: WebSocketRequest) -> None:
+        await request.reject(403)
 
     caplog.set_level(logging.WARNING)
     async with trio.open_nursery() as nursery:

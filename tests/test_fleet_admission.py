@@ -15,7 +15,7 @@ import pytest
 import trio
 from fleet import WAIT, fleet
 from redis_server import RedisServer, fresh_prefix, redis_server  # noqa: F401
-from support import BotServer, bot_server, open_client
+from support import BotBehaviour, BotServer, bot_server, open_client
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 LEASE_TTL = 6  # seconds, set in the config
@@ -28,7 +28,7 @@ AGENTS = (
 STORE = f"lease_ttl = {LEASE_TTL}\n"
 
 
-def recording(events: list[tuple[str, int]]):  # type: ignore[no-untyped-def]
+def recording(events: list[tuple[str, int]]) -> BotBehaviour:
     async def behaviour(ws: WebSocketConnection, bot: BotServer) -> None:
         n = len(bot.requests) - 1
         events.append(("open", n))

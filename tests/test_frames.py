@@ -169,20 +169,45 @@ def opposite(side: ConnectionType) -> ConnectionType:
 
 
 Normal = tuple[object, ...]
+Control = tuple[str, bytes]  # ("ping" or "pong", payload)
+Fragment = tuple[str, str | bytes, bool]  # (kind "text"/"binary", data, message_finished)
+Script = list[list[Fragment | Control] | Control]  # messages and controls between them
+
+
+def join_parts(kind: str, parts: Sequence[str | bytes | bytearray]) -> str | bytes:
+    """A whole message from its fragments: str for "text", bytes for "binary"."""
+    if kind == "text":
+        texts = [p for p in parts if isinstance(p, str)]
+        assert len(texts) == len(parts), parts
+        return "".join(texts)
+    blobs = [p for p in parts if isinstance(p, (bytes, bytearray))]
+    assert len(blobs) == len(parts), parts
+    return b"".join(blobs)
+
+
+def control_event(name: str, payload: bytes) -> Ping | Pong:
+    return Ping(payload) if name == "ping" else Pong(payload)
+
+
+def data_event(kind: str, data: str | bytes, finished: bool) -> TextMessage | BytesMessage:
+    if kind == "text":
+        assert isinstance(data, str), data
+        return TextMessage(data=data, message_finished=finished)
+    assert isinstance(data, bytes), data
+    return BytesMessage(data=data, message_finished=finished)
 
 
 def received(conn: Connection, stream: bytes) -> list[Normal]:
     """What a wsproto peer makes of ``stream``: whole messages, pings, pongs, close."""
     conn.receive_data(stream)
     out: list[Normal] = []
-    parts: list[str | bytes] = []
+    parts: list[str | bytes | bytearray] = []
     for event in conn.events():
         if isinstance(event, Message):
             parts.append(event.data)
             if event.message_finished:
                 kind = "text" if isinstance(event, TextMessage) else "binary"
-                joined: str | bytes = "".join(parts) if kind == "text" else b"".join(parts)  # type: ignore[arg-type]
-                out.append((kind, joined))
+                out.append((kind, join_parts(kind, parts)))
                 parts = []
         elif isinstance(event, Ping):
             out.append(("ping", bytes(event.payload)))
@@ -193,6 +218,12 @@ def received(conn: Connection, stream: bytes) -> list[Normal]:
         else:  # pragma: no cover - wsproto reports a protocol error this way
             out.append(("other", repr(event)))
     return out
+
+
+def data_of(piece: Piece) -> bytes:
+    """A data piece's bytes; fails if ``piece`` is a ControlFrame or a Violation."""
+    assert isinstance(piece, (memoryview, bytes)), piece
+    return bytes(piece)
 
 
 def one(pieces: Sequence[Piece]) -> Piece:
@@ -226,12 +257,12 @@ control = st.tuples(st.sampled_from(["ping", "pong"]), st.binary(max_size=125))
 
 
 @st.composite
-def message(draw: st.DrawFn) -> list[Normal]:
+def message(draw: st.DrawFn) -> list[Fragment | Control]:
     """One message as a list of fragments, with optional control frames between them."""
     kind = draw(st.sampled_from(["text", "binary"]))
     frag = text_fragment if kind == "text" else binary_fragment
     n = draw(st.integers(1, 4))
-    items: list[Normal] = []
+    items: list[Fragment | Control] = []
     for i in range(n):
         items.append((kind, draw(frag), i == n - 1))
         if i < n - 1 and draw(st.booleans()):
@@ -249,7 +280,7 @@ close_event = st.one_of(
 )
 
 
-def to_events(script: list[list[Normal] | Normal]) -> tuple[list[Event], list[Normal], int]:
+def to_events(script: Script) -> tuple[list[Event], list[Normal], int]:
     """wsproto events to send, the whole messages/controls expected, and the message count."""
     events: list[Event] = []
     expected: list[Normal] = []
@@ -259,20 +290,17 @@ def to_events(script: list[list[Normal] | Normal]) -> tuple[list[Event], list[No
             parts: list[str | bytes] = []
             kind = ""
             for item in entry:
-                if item[0] in ("ping", "pong"):
-                    events.append(Ping(item[1]) if item[0] == "ping" else Pong(item[1]))  # type: ignore[arg-type]
+                if len(item) == 2:  # a ping or pong between fragments
+                    events.append(control_event(*item))
                     expected.append(item)
                     continue
-                kind, data, finished = item  # type: ignore[assignment]
-                cls = TextMessage if kind == "text" else BytesMessage
-                events.append(cls(data=data, message_finished=finished))  # type: ignore[arg-type]
-                parts.append(data)  # type: ignore[arg-type]
-            joined = "".join(parts) if kind == "text" else b"".join(parts)  # type: ignore[arg-type]
-            expected.append((kind, joined))
+                kind, data, finished = item
+                events.append(data_event(kind, data, finished))
+                parts.append(data)
+            expected.append((kind, join_parts(kind, parts)))
             messages += 1
         else:
-            kind, payload = entry  # type: ignore[assignment]
-            events.append(Ping(payload) if kind == "ping" else Pong(payload))  # type: ignore[arg-type]
+            events.append(control_event(*entry))
             expected.append(entry)
     return events, expected, messages
 
@@ -303,7 +331,7 @@ SIDES = [ConnectionType.CLIENT, ConnectionType.SERVER]
 )
 def test_relayed_stream_matches_wsproto_for_any_chunking(
     side: ConnectionType,
-    script: list[list[Normal] | Normal],
+    script: Script,
     close: CloseConnection,
     data: st.DataObject,
 ) -> None:
@@ -418,7 +446,7 @@ def test_rsv_bits_are_not_violations(rsv: int) -> None:
 def test_zero_length_data_frame_is_a_whole_frame() -> None:
     scanner = FrameScanner(masked=False, max_message_size=0)
     piece = one(scanner.feed(memoryview(b"\x82\x00")))
-    assert bytes(piece) == b"\x82\x00"  # type: ignore[arg-type]
+    assert data_of(piece) == b"\x82\x00"
     assert scanner.messages == 1
     assert not scanner.mid_frame
     assert scanner.data_bytes == 2
@@ -441,7 +469,7 @@ def test_control_frame_splits_the_data_run_in_stream_order() -> None:
     b = frame(OP_CONT, b"b", mask=False)
     scanner = FrameScanner(masked=False, max_message_size=LIMIT)
     pieces = scanner.feed(memoryview(a + ping + b))
-    assert [p if isinstance(p, ControlFrame) else bytes(p) for p in pieces] == [  # type: ignore[arg-type]
+    assert [p if isinstance(p, ControlFrame) else data_of(p) for p in pieces] == [
         a,
         ControlFrame(OP_PING, ping, b"hi"),
         b,
@@ -458,8 +486,8 @@ def test_large_frame_payload_streams_out_chunk_by_chunk() -> None:
     for i in range(0, len(stream), step):
         chunk = stream[i : i + step]
         pieces = scanner.feed(memoryview(chunk))
-        assert sum(len(p) for p in pieces) == len(chunk)  # type: ignore[arg-type, misc]
-        out += b"".join(bytes(p) for p in pieces)  # type: ignore[arg-type]
+        assert sum(len(data_of(p)) for p in pieces) == len(chunk)
+        out += b"".join(data_of(p) for p in pieces)
         assert scanner.mid_frame == (i + step < len(stream))
     assert bytes(out) == stream
     assert scanner.messages == 1
@@ -475,11 +503,11 @@ def test_split_header_is_held_then_returned_whole_as_bytes() -> None:
     pieces = scanner.feed(memoryview(stream[7:20]))
     assert [type(p) for p in pieces] == [bytes, memoryview]
     assert pieces[0] == stream[:8]
-    assert bytes(pieces[1]) == stream[8:20]  # type: ignore[arg-type]
+    assert data_of(pieces[1]) == stream[8:20]
     assert scanner.mid_frame
     assert scanner.messages == 1
     rest = one(scanner.feed(memoryview(stream[20:])))
-    assert bytes(rest) == stream[20:]  # type: ignore[arg-type]
+    assert data_of(rest) == stream[20:]
     assert not scanner.mid_frame
 
 
@@ -659,7 +687,7 @@ def test_violation_is_last_and_the_offending_frame_is_not_returned() -> None:
     pieces = scanner.feed(memoryview(good + bad + frame(OP_BINARY, b"d", mask=True)))
     assert isinstance(pieces[-1], Violation)
     assert pieces[-1].close_code == 1002
-    forwarded = b"".join(p.raw if isinstance(p, ControlFrame) else bytes(p) for p in pieces[:-1])  # type: ignore[arg-type]
+    forwarded = b"".join(p.raw if isinstance(p, ControlFrame) else data_of(p) for p in pieces[:-1])
     assert forwarded == good
     assert scanner.messages == 2
     with pytest.raises(RuntimeError):

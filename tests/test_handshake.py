@@ -17,6 +17,7 @@ import pytest
 from wsproto.utilities import generate_accept_token
 
 from relay.handshake import (
+    Admit,
     BotAccepted,
     BotTarget,
     Reject,
@@ -29,6 +30,7 @@ from relay.handshake import (
     check_origin,
     check_route,
     check_upgrade,
+    decide,
     param_names,
     parse_bot_url,
     render_error,
@@ -689,28 +691,30 @@ def test_check_origin(origin: bytes | None, allowed: tuple[str, ...], refused: b
         assert result is None
 
 
-def _decide(target: bytes, headers: list[tuple[bytes, bytes]], **kw: object) -> object:
-    from relay.handshake import decide
+def _decide(target: bytes, headers: list[tuple[bytes, bytes]], *,
+            shutting_down: bool = False, over_capacity: bool = False) -> Admit | Reject:
+    return decide(b"GET", b"1.1", target, headers, organization="local",
+                  agents={"a": object()}, cors_origins=("https://app.example",),
+                  shutting_down=shutting_down, over_capacity=over_capacity)
 
-    args: dict[str, object] = {"organization": "local", "agents": {"a": object()},
-                               "cors_origins": ("https://app.example",)}
-    args.update(kw)
-    return decide(b"GET", b"1.1", target, headers, **args)  # type: ignore[arg-type]
+
+def _refused(target: bytes, headers: list[tuple[bytes, bytes]], **kw: bool) -> Reject:
+    result = _decide(target, headers, **kw)
+    assert isinstance(result, Reject), result
+    return result
 
 
 def test_decide_checks_in_spec_order() -> None:
-    from relay.handshake import Admit
-
     good = upgrade_headers()
     # shutting down and capacity come before anything about the request
-    assert _decide(b"/nowhere", [], shutting_down=True).code == "shutting_down"  # type: ignore[attr-defined]
-    assert _decide(b"/nowhere", [], over_capacity=True).code == "too_many_connections"  # type: ignore[attr-defined]
+    assert _refused(b"/nowhere", [], shutting_down=True).code == "shutting_down"
+    assert _refused(b"/nowhere", [], over_capacity=True).code == "too_many_connections"
     # an unknown service host is 404 even when the upgrade headers are bad too
-    assert _decide(b"/ws/generic/zz.local", []).status == 404  # type: ignore[attr-defined]
+    assert _refused(b"/ws/generic/zz.local", []).status == 404
     # then the upgrade headers, then the Origin
-    assert _decide(b"/ws/generic/a.local", []).status == 426  # type: ignore[attr-defined]
+    assert _refused(b"/ws/generic/a.local", []).status == 426
     bad_origin = [*good, (b"origin", b"https://evil.example")]
-    assert _decide(b"/ws/generic/a.local", bad_origin).code == "origin_not_allowed"  # type: ignore[attr-defined]
+    assert _refused(b"/ws/generic/a.local", bad_origin).code == "origin_not_allowed"
     admitted = _decide(b"/ws/generic/a.local?x=1&token=t", good)
     assert isinstance(admitted, Admit)
     assert admitted.route.agent == "a" and admitted.route.bot_query == "x=1"

@@ -218,13 +218,15 @@ async def test_an_idle_session_holds_only_its_two_pump_tasks_between_pings(
 ) -> None:
     from support import bot_server, make_config, open_client, running
 
+    from relay.connection import ClientConnection
     from relay.passthrough import Passthrough
 
     async with bot_server() as bot, running(make_config(
             bot.url, server={"ping_interval": 5, "ping_timeout": 5})) as gw:
         async with open_client(gw.url()) as ws:
             (member,) = gw.gateway.rt.registry.members()
-            leg = member._leg  # type: ignore[attr-defined]
+            assert isinstance(member, ClientConnection)  # the registry holds it as a Member
+            leg = member._leg
             assert isinstance(leg, Passthrough)
             assert leg._nursery is not None
             for _ in range(4):  # pings at +5, +10, +15, +20: each answered, none kept

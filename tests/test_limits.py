@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -252,12 +253,13 @@ async def _upgrade_from(source: str, port: int) -> tuple[int, bytes]:
 
 def _envelope(answer: bytes) -> dict[str, str]:
     body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert isinstance(body, dict), body
     assert set(body) == {"error", "code", "detail"}
-    return body  # type: ignore[no-any-return]
+    return body
 
 
-async def _wait_for(condition: object) -> None:
-    while not condition():  # type: ignore[operator]
+async def _wait_for(condition: Callable[[], bool]) -> None:
+    while not condition():
         await trio.lowlevel.checkpoint()
 
 

@@ -15,8 +15,9 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict, Unpack
 
+import attrs
 import pytest
 import trio
 from hypothesis import given
@@ -74,13 +75,30 @@ def captured(formatter: logging.Formatter | None = None) -> Iterator[io.StringIO
         logger.setLevel(old)
 
 
-def record(**overrides: object) -> SessionRecord:
-    values: dict[str, object] = dict(
+class RecordFields(TypedDict, total=False):
+    """SessionRecord's fields, each optional: what record() may override."""
+
+    id: str
+    agent: str
+    organization: str
+    client_addr: str
+    duration: float
+    messages_client_to_bot: int
+    bytes_client_to_bot: int
+    messages_bot_to_client: int
+    bytes_bot_to_client: int
+    end_reason: str
+    code: int | None
+    reason: str
+
+
+def record(**overrides: Unpack[RecordFields]) -> SessionRecord:
+    """A typical record with ``overrides`` replacing fields by name (attrs.evolve)."""
+    typical = SessionRecord(
         id="s1", agent="a", organization="local", client_addr="127.0.0.1", duration=1.5,
         messages_client_to_bot=1, bytes_client_to_bot=2, messages_bot_to_client=3,
         bytes_bot_to_client=4, end_reason="client_closed", code=4321, reason="bye")
-    values.update(overrides)
-    return SessionRecord(**values)  # type: ignore[arg-type]
+    return attrs.evolve(typical, **overrides)
 
 
 # -- sans-IO -----------------------------------------------------------------------------------
@@ -116,8 +134,11 @@ def test_the_text_line_is_exactly_the_fields_in_order(r: SessionRecord) -> None:
 
 
 @pytest.mark.parametrize("field", ["reason", "client_addr", "id"])
-def test_a_hostile_value_cannot_forge_a_line_or_a_field(field: str) -> None:
-    line = render_text(record(**{field: HOSTILE}))
+def test_a_hostile_value_cannot_forge_a_line_or_a_field(
+        field: Literal["reason", "client_addr", "id"]) -> None:
+    hostile: RecordFields = {}
+    hostile[field] = HOSTILE
+    line = render_text(record(**hostile))
     assert "\n" not in line and "\r" not in line and "\u2028" not in line
     assert line.isascii()
     parsed = parse_text(line)

@@ -30,7 +30,7 @@ from test_control import AUTH, OK_BODY, PK, T0, Harness, Response, make_config
 from test_control import drive as drive_app
 
 import relay.control
-from relay.control import MAX_PIPECAT_BODY, MAX_START_BODY, ASGIApp
+from relay.control import MAX_PIPECAT_BODY, MAX_START_BODY, ASGIApp, ControlApp
 from relay.control_server import _hypercorn_config, serve_control
 from relay.metrics import Metrics
 from relay.store import MemoryStore
@@ -322,7 +322,8 @@ async def test_body_read_deadline_is_10_seconds_by_default(
     assert trio.current_time() - t0 == 10.0
     assert_enveloped(r, 408, "request_timeout")
     assert "10 seconds" in r.json()["detail"]
-    assert h.app.reading_bodies == 0  # type: ignore[attr-defined]
+    assert isinstance(h.app, ControlApp)  # make_control_app returns one, typed as ASGIApp
+    assert h.app.reading_bodies == 0
     assert start_counts(h.metrics) == {"408": 1.0}
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import trio
 import trustme
 from support import bot_server, make_config, running
-from trio_websocket import open_websocket_url, serve_websocket
+from trio_websocket import WebSocketRequest, open_websocket_url, serve_websocket
 
-from relay.config import build_config
+from relay.config import Config, build_config
 
 
 def _cert_files(tmp_path: Path) -> tuple[trustme.CA, str, str]:
@@ -22,7 +22,7 @@ def _cert_files(tmp_path: Path) -> tuple[trustme.CA, str, str]:
     return ca, str(cert_path), str(key_path)
 
 
-def _tls_config(bot: str, cert: str, key: str) -> object:
+def _tls_config(bot: str, cert: str, key: str) -> Config:
     return build_config(
         server={"ws_bind": ["127.0.0.1:0"], "api_bind": ["127.0.0.1:0"],
                 "certfile": cert, "keyfile": key, "ping_interval": 1000,
@@ -36,7 +36,7 @@ async def test_data_plane_speaks_wss_with_certfile_and_keyfile(tmp_path: Path) -
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
     config = _tls_config("python:relay.echo:echo_bot", cert, key)
-    async with running(config) as gw:  # type: ignore[arg-type]
+    async with running(config) as gw:
         host, port = gw.ports.ws[0]
         url = f"wss://{host}:{port}/ws/generic/a.local"
         with trio.fail_after(10):
@@ -54,7 +54,7 @@ async def test_plain_client_on_a_tls_listener_is_dropped_and_server_keeps_servin
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
     config = _tls_config("python:relay.echo:echo_bot", cert, key)
-    async with running(config) as gw:  # type: ignore[arg-type]
+    async with running(config) as gw:
         host, port = gw.ports.ws[0]
         with trio.fail_after(10):
             stream = await trio.open_tcp_stream(host, port)
@@ -76,10 +76,10 @@ async def test_wss_upstream_bot_is_dialled_over_tls(tmp_path: Path) -> None:
     ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
     trust = ssl.create_default_context()
     ca.configure_trust(trust)
-    seen: list[str] = []
+    seen: list[str | bytes] = []
 
-    async def handler(request: object) -> None:
-        ws = await request.accept()  # type: ignore[attr-defined]
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
         message = await ws.get_message()
         seen.append(message)
         await ws.send_message(message)
@@ -101,8 +101,8 @@ async def test_wss_bot_with_untrusted_certificate_is_502(tmp_path: Path) -> None
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
 
-    async def handler(request: object) -> None:
-        await request.accept()  # type: ignore[attr-defined]
+    async def handler(request: WebSocketRequest) -> None:
+        await request.accept()
 
     async with trio.open_nursery() as nursery:
         server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, server_ctx)

@@ -161,7 +161,8 @@ async def start(
 async def start_ok(api_port: int, agent: str, payload: Any = None) -> dict[str, Any]:
     status, answer = await start(api_port, agent, payload)
     assert status == 200, answer
-    return answer  # type: ignore[no-any-return]
+    assert isinstance(answer, dict), answer
+    return answer
 
 
 async def refusal_count(api_port: int, reason: str) -> float:

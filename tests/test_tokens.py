@@ -7,6 +7,7 @@ import base64
 import json
 import re
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 from hypothesis import given
@@ -20,6 +21,7 @@ from relay.tokens import (
     Claims,
     KeyRing,
     Refusal,
+    RefusalReason,
     find_token,
     keyring_from_env,
     mint,
@@ -46,6 +48,14 @@ def _verify(
     now: float = T0 + 1,
 ) -> Claims | Refusal:
     return verify(token, keys, agent=agent, org=org, now=now)
+
+
+class Check(TypedDict, total=False):
+    """Keyword arguments of _verify that a refusal case overrides."""
+
+    agent: str
+    org: str
+    now: float
 
 
 def _replace_char(text: str, index: int, char: str) -> str:
@@ -201,9 +211,9 @@ def _tampered_signature() -> str:
         ("non-ascii", "é.b", {}, "malformed"),
     ],
 )
-def test_refusals(case: str, token: str, check: dict[str, object], reason: str) -> None:
-    result = _verify(token, **check)  # type: ignore[arg-type]
-    assert result == Refusal(reason), case  # type: ignore[arg-type]
+def test_refusals(case: str, token: str, check: Check, reason: RefusalReason) -> None:
+    result = _verify(token, **check)
+    assert result == Refusal(reason), case
 
 
 @pytest.mark.parametrize(
