@@ -28,6 +28,7 @@ SECRET = "k1:fleet-test-secret"
 PK = "pk_fleet"
 PUBLIC_URL = "ws://relay.fleet.test"  # the default public_url: wsUrl's path is what counts
 WAIT = 15.0  # seconds: backstop for every network wait in fleet tests
+RECOVERY_BOUND = 20.0  # seconds: the health ping backs off to 5 s; a loaded machine adds more
 
 
 @attrs.define
@@ -67,6 +68,23 @@ class Instance:
             if line.startswith(name + " "):
                 return float(line.split()[-1])
         return None
+
+
+async def store_state(api_port: int) -> str:
+    """What an instance's /health says of its store: "up" or "down"."""
+    with trio.fail_after(WAIT):
+        status, _, body = await http("127.0.0.1", api_port, "GET", "/health")
+    assert status == 200
+    return str(json.loads(body)["store"])
+
+
+async def until_store(api_port: int, state: str) -> None:
+    """Poll /health until the instance reports its store ``state``."""
+    with trio.fail_after(RECOVERY_BOUND):
+        while True:
+            if await store_state(api_port) == state:
+                return
+            await trio.sleep(0.1)  # another process: polled, bounded above
 
 
 def ws_path(ws_url: str) -> str:

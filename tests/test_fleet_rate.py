@@ -25,7 +25,7 @@ import coredis
 import pytest
 import trio
 from fleet import PK as FLEET_PK
-from fleet import WAIT, Instance, fleet
+from fleet import WAIT, Instance, fleet, until_store
 from redis_server import RedisServer, fresh_prefix, redis_server  # noqa: F401
 from support import Running, http, running
 
@@ -39,7 +39,6 @@ from relay.tokens import KeyRing
 
 PK = "pk_fleet_rate_test"
 DEAD_BOT = "ws://127.0.0.1:9/"  # /start never dials a bot
-RECOVERY_BOUND = 20.0  # seconds: the store's health ping backs off to 5 s while Redis is down
 
 
 class WallClock:
@@ -94,21 +93,6 @@ def assert_rate_limited(answer: tuple[int, dict[str, str], Any], retry_after: in
     assert body["code"] == "rate_limited" and set(body) == {"error", "code", "detail"}
     assert headers["retry-after"] == str(retry_after)
     assert headers["cache-control"] == "no-store"
-
-
-async def store_state(port: int) -> str:
-    with trio.fail_after(WAIT):
-        status, _, body = await http("127.0.0.1", port, "GET", "/health")
-    assert status == 200
-    return str(json.loads(body)["store"])
-
-
-async def until_store(port: int, state: str) -> None:
-    with trio.fail_after(RECOVERY_BOUND):
-        while True:
-            if await store_state(port) == state:
-                return
-            await trio.sleep(0.1)
 
 
 async def until_gone(raw: coredis.Redis[bytes], name: str | bytes) -> None:

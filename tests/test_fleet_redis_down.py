@@ -12,12 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
-from fleet import WAIT, Instance, fleet, upgrade_status, ws_path
+from fleet import WAIT, Instance, fleet, store_state, until_store, upgrade_status, ws_path
 from redis_server import RedisServer, fresh_prefix
 from support import bot_server, open_client
 from trio_websocket import WebSocketConnection
-
-RECOVERY_BOUND = 20.0  # seconds: the health ping backs off to 5 s; a loaded machine adds more
 
 
 async def echo_many(ws: WebSocketConnection, tag: str, count: int = 20) -> None:
@@ -33,20 +31,6 @@ async def echo_many(ws: WebSocketConnection, tag: str, count: int = 20) -> None:
     assert got == [f"{tag}-{i}" for i in range(count)]
 
 
-async def health_store(inst: Instance) -> str:
-    status, answer = await inst.get_json("/health")
-    assert status == 200
-    return str(answer["store"])
-
-
-async def until_store(inst: Instance, state: str) -> None:
-    with trio.fail_after(RECOVERY_BOUND):
-        while True:
-            if await health_store(inst) == state:
-                return
-            await trio.sleep(0.1)
-
-
 def token_path(inst: Instance, answer: dict[str, str]) -> str:
     return ws_path(answer["wsUrl"])
 
@@ -59,7 +43,7 @@ async def test_redis_stops_and_starts_live_sessions_untouched_and_recovery_witho
         async with bot_server() as bot, fleet(tmp_path / "gw", ["a"], server.url,
                                               fresh_prefix(), bot.url) as f:
             a = f["a"]
-            assert await health_store(a) == "up"
+            assert await store_state(a.api_port) == "up"
             assert await a.metric("relay_store_up") == 1.0
             status, live = await a.start("tok")
             assert status == 200
@@ -79,7 +63,7 @@ async def test_redis_stops_and_starts_live_sessions_untouched_and_recovery_witho
                 status, head = await upgrade_status(a.ws_port, token_path(a, unused),
                                                     unused["token"])
                 assert status == 503 and b"store_unavailable" in head, head
-                await until_store(a, "down")
+                await until_store(a.api_port, "down")
                 assert await a.metric("relay_store_up") == 0.0
                 assert (await a.metric("relay_store_down_total") or 0) >= 1
                 # auth-none keeps admitting while Redis is down
@@ -88,7 +72,7 @@ async def test_redis_stops_and_starts_live_sessions_untouched_and_recovery_witho
 
                 server.start()  # empty: the fixture runs Redis without persistence
 
-                await until_store(a, "up")
+                await until_store(a.api_port, "up")
                 assert await a.metric("relay_store_up") == 1.0
                 # What the empty Redis forgot is never honoured: the token in use before the
                 # restart (its replay would have replaced tok_ws) and one minted then, unused.
@@ -118,14 +102,14 @@ async def test_redis_down_at_start_serves_auth_none_then_recovers(tmp_path: Path
         async with bot_server() as bot, fleet(tmp_path / "gw", ["a"], server.url,
                                               fresh_prefix(), bot.url) as f:
             a = f["a"]
-            assert await health_store(a) == "down"
+            assert await store_state(a.api_port) == "down"
             assert await a.metric("relay_store_up") == 0.0
             status, answer = await a.start("tok")
             assert status == 503, answer
             async with open_client(a.ws_url("/ws/generic/open.local")) as ws:
                 await echo_many(ws, "down")
                 server.start()
-                await until_store(a, "up")
+                await until_store(a.api_port, "up")
                 status, answer = await a.start("tok")
                 assert status == 200, answer
                 assert (await upgrade_status(a.ws_port, token_path(a, answer),
